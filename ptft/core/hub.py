@@ -1,0 +1,40 @@
+"""Loading models by hub name or local path, with one-line errors when neither works."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ptft.core.errors import PtftError
+
+T = TypeVar("T")
+
+
+def is_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off by the environment (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_pretrained(loader: Callable[..., T], name: str, what: str = "model", **kwargs: Any) -> T:
+    """Calls a Hugging Face ``from_pretrained`` with ``trust_remote_code=False``; turns failures into one line.
+
+    Args:
+        loader: e.g. ``AutoModelForSequenceClassification.from_pretrained`` or ``AutoTokenizer.from_pretrained``.
+        name: A hub name (``org/model``) or a local folder.
+        what: Used in the error message (``model``, ``tokenizer``, ``config``).
+        **kwargs: Passed to ``loader``.
+    """
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError) as err:
+        if Path(name).expanduser().exists():
+            raise PtftError(f"cannot load {what} from local path {name!r}: {str(err).splitlines()[0]}") from err
+        hint = "the Hugging Face Hub is unreachable (offline)" if is_offline() else "it is not on the Hugging Face Hub or the hub is unreachable"
+        raise PtftError(
+            f"cannot load {what} {name!r}: it is not a local folder and {hint}. "
+            f"Point the recipe at a local folder with config.json and weights (written by save_pretrained), "
+            f"e.g. --model.init_args.model_name=/path/to/model"
+        ) from err

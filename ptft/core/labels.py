@@ -1,0 +1,71 @@
+"""Label names discovered from data, shared by every classification data module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ptft.core.errors import PtftError
+
+
+def _is_int_label(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def discover_label_names(values: Iterable[Any], names: Sequence[str] | None = None, source: str = "train") -> list[str]:
+    """Label names in id order for the labels seen in training data.
+
+    Integer labels are ids: ``0..max`` (names ``"0"``, ``"1"``, … unless ``names`` are given). Other labels are
+    names: sorted unless ``names`` fixes the order.
+
+    Args:
+        values: The label column of the training data.
+        names: Label names given by the user, in id order.
+        source: Where the labels come from, for error messages.
+    """
+    seen = set(values)
+    if not seen:
+        raise PtftError(f"no labels found in {source}")
+    if None in seen:
+        raise PtftError(f"{source} has empty labels; fill them in or drop those rows")
+    if all(_is_int_label(v) for v in seen):
+        if min(seen) < 0:
+            raise PtftError(f"{source} has negative label id {min(seen)}; integer labels must be 0..num_labels-1")
+        count = max(seen) + 1
+        if names is not None:
+            if max(seen) >= len(names):
+                raise PtftError(
+                    f"{source} has label id {max(seen)} but only {len(names)} label names were given: {list(names)}"
+                )
+            return list(names)
+        return [str(i) for i in range(count)]
+    as_str = {str(v) for v in seen}
+    if names is not None:
+        unknown = sorted(as_str - set(names))
+        if unknown:
+            raise PtftError(f"{source} has labels {unknown} that are not in the given label names {list(names)}")
+        return list(names)
+    return sorted(as_str)
+
+
+def encode_labels(values: Sequence[Any], names: Sequence[str], source: str) -> list[int]:
+    """Label ids for ``values`` (ids or names); one-line error for labels never seen in training."""
+    index = {name: i for i, name in enumerate(names)}
+    ids: list[int] = []
+    unknown: set[str] = set()
+    for v in values:
+        if _is_int_label(v):
+            if 0 <= v < len(names):
+                ids.append(v)
+                continue
+        elif v is not None and str(v) in index:
+            ids.append(index[str(v)])
+            continue
+        unknown.add(str(v))
+    if unknown:
+        shown = sorted(unknown)[:5]
+        raise PtftError(
+            f"{source} has labels never seen in training: {shown}{' …' if len(unknown) > 5 else ''} "
+            f"(known: {list(names)[:10]}{' …' if len(names) > 10 else ''})"
+        )
+    return ids

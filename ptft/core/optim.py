@@ -1,0 +1,210 @@
+"""Parameter groups, optimizers and learning-rate schedules.
+
+Every optimizer ptft builds goes through :func:`build_param_groups`, so every strategy (layer-wise decay,
+discriminative learning rates, frozen groups) ends up as a real ``lr`` per group that any scheduler scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"]
+SchedulerName = Literal["constant", "linear", "cosine", "step", "onecycle", "plateau"]
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer settings (``model.init_args.optimizer`` in a recipe)."""
+
+    name: OptimizerName = "adamw"
+    """Which torch optimizer to use."""
+    lr: float = 5e-5
+    """Peak learning rate of the top layer group; lower groups get ``lr * layer_decay ** depth``."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay. Never applied to 1-D parameters (biases, norm weights) nor embeddings' norms."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam-family betas."""
+    eps: float = 1e-8
+    """Adam-family / RMSprop epsilon."""
+    momentum: float = 0.9
+    """SGD / RMSprop momentum."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    layer_decay: float = 1.0
+    """Layer-wise learning-rate decay: layer ``i`` of ``L`` gets ``lr * layer_decay ** (L - i)``. 1.0 disables it."""
+    head_lr: float | None = None
+    """Learning rate of the task head (the top layer group); ``None`` uses ``lr``."""
+
+    @classmethod
+    def coerce(cls, value: OptimizerConfig | dict[str, Any] | None) -> OptimizerConfig:
+        """Accepts the dataclass or a plain dict (as stored in a checkpoint's hyperparameters)."""
+        if value is None:
+            return cls()
+        if isinstance(value, dict):
+            value = dict(value)
+            if "betas" in value:
+                value["betas"] = tuple(value["betas"])
+            return cls(**value)
+        return value
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule settings (``model.init_args.scheduler`` in a recipe). Steps are optimizer steps."""
+
+    name: SchedulerName = "linear"
+    """``constant``, ``linear`` / ``cosine`` decay after warmup, ``step`` decay, ``onecycle``, or ``plateau``."""
+    warmup_ratio: float = 0.06
+    """Fraction of the total optimizer steps spent warming up linearly from 0 (constant/linear/cosine)."""
+    warmup_steps: int | None = None
+    """Warmup in optimizer steps; overrides ``warmup_ratio`` when set."""
+    step_size: int = 1
+    """``step``: epochs between decays."""
+    gamma: float = 0.1
+    """``step``: multiplicative decay."""
+    pct_start: float = 0.3
+    """``onecycle``: fraction of the steps spent increasing the learning rate."""
+    monitor: str = "val/loss"
+    """``plateau``: the metric watched."""
+    mode: Literal["min", "max"] = "min"
+    """``plateau``: whether the monitored metric should go down or up."""
+    factor: float = 0.1
+    """``plateau``: multiplicative decay when the metric stalls."""
+    patience: int = 2
+    """``plateau``: validation epochs without improvement before decaying."""
+
+    @classmethod
+    def coerce(cls, value: SchedulerConfig | dict[str, Any] | None) -> SchedulerConfig:
+        """Accepts the dataclass or a plain dict (as stored in a checkpoint's hyperparameters)."""
+        if value is None:
+            return cls()
+        return cls(**value) if isinstance(value, dict) else value
+
+
+def as_dict(config: OptimizerConfig | SchedulerConfig) -> dict[str, Any]:
+    """Plain-dict form kept in checkpoints (loadable with ``torch.load(weights_only=True)``)."""
+    d = asdict(config)
+    if "betas" in d:
+        d["betas"] = list(d["betas"])
+    return d
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Biases, norm weights and other 1-D parameters are excluded from weight decay (timm and BERT convention)."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def build_param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    lr: float,
+    weight_decay: float,
+    layer_of: Callable[[str], int] | None = None,
+    num_layers: int | None = None,
+    layer_decay: float = 1.0,
+    head_lr: float | None = None,
+) -> list[dict[str, Any]]:
+    """Groups parameters by (layer, decay / no decay) and gives every group a real learning rate.
+
+    Layer ``i`` of ``L`` (``num_layers``; layer ``L`` is the head) gets ``lr * layer_decay ** (L - i)``, the head gets
+    ``head_lr`` when given. The rate is written into the group's ``lr`` (not an ``lr_scale`` that torch and Lightning
+    schedulers would ignore). Parameters that do not require grad are left out here; strategies that unfreeze later
+    keep them in with ``lr`` 0 instead.
+
+    Args:
+        named_parameters: ``(name, parameter)`` pairs, e.g. ``module.named_parameters()``.
+        lr: Learning rate of the top layer.
+        weight_decay: Weight decay for parameters with 2 or more dimensions.
+        layer_of: Maps a parameter name to its layer index (0 = embeddings). ``None`` puts everything in layer 0.
+        num_layers: Index of the top layer; defaults to the largest index ``layer_of`` returned.
+        layer_decay: Multiplicative decay per layer below the top.
+        head_lr: Learning rate of the top layer (the head) if it differs from ``lr``.
+
+    Returns:
+        Parameter groups for a torch optimizer, each with ``params``, ``lr``, ``weight_decay``, ``layer`` and ``names``.
+    """
+    named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    layers = {n: (layer_of(n) if layer_of else 0) for n, _ in named}
+    top = num_layers if num_layers is not None else max(layers.values(), default=0)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        layer = layers[name]
+        decay = not no_weight_decay(name, param)
+        key = (layer, decay)
+        if key not in groups:
+            group_lr = head_lr if (head_lr is not None and layer == top) else lr * layer_decay ** (top - layer)
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "lr": group_lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "layer": layer,
+            }
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(groups: list[dict[str, Any]], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """Builds the torch optimizer named in ``config`` over ``groups`` (each group keeps its own ``lr``)."""
+    name = config.name
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=config.lr, momentum=config.momentum, eps=config.eps)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=config.lr, eps=config.eps)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OptimizerName.__args__}")
+
+
+def warmup_steps(config: SchedulerConfig, total_steps: int) -> int:
+    """Number of warmup steps for ``total_steps`` optimizer steps."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return math.ceil(config.warmup_ratio * total_steps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: SchedulerConfig, total_steps: int
+) -> dict[str, Any] | None:
+    """Builds the schedule as a Lightning ``lr_scheduler`` dict, or ``None`` for a constant rate without warmup.
+
+    Every schedule scales every parameter group of ``optimizer`` from that group's own ``lr``.
+    Warmup / decay shapes are Hugging Face's (``transformers.get_scheduler``); the rest are torch's.
+    """
+    from transformers import get_scheduler
+
+    name = config.name
+    if name in ("constant", "linear", "cosine"):
+        warmup = warmup_steps(config, total_steps)
+        if name == "constant" and warmup == 0:
+            return None
+        hf_name = "constant_with_warmup" if name == "constant" else name
+        scheduler = get_scheduler(hf_name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return {"scheduler": scheduler, "interval": "step"}
+    if name == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+        return {"scheduler": scheduler, "interval": "epoch"}
+    if name == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=max(total_steps, 1),
+            pct_start=config.pct_start,
+        )
+        return {"scheduler": scheduler, "interval": "step"}
+    if name == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=config.mode, factor=config.factor, patience=config.patience
+        )
+        return {"scheduler": scheduler, "interval": "epoch", "monitor": config.monitor}
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {SchedulerName.__args__}")

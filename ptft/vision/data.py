@@ -1,0 +1,300 @@
+"""Image classification data: image-folder trees, zip archives of them, or CSV files of (path, label)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ptft.core.data import ClassificationDataModule
+from ptft.core.errors import PtftError
+from ptft.core.labels import discover_label_names, encode_labels
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageSource:
+    """Where images live: a folder on disk or a folder inside a zip archive (``archive`` set)."""
+
+    root: Path
+    archive: Path | None = None
+
+    @classmethod
+    def parse(cls, location: str, arg: str) -> ImageSource:
+        """``data/train``, ``cifar10.zip`` or ``cifar10.zip/train`` (a folder inside the archive)."""
+        path = Path(location).expanduser()
+        if path.is_dir():
+            return cls(path)
+        for parent in [path, *path.parents]:
+            if parent.is_file() and zipfile.is_zipfile(parent):
+                return cls(Path(path.relative_to(parent).as_posix()), archive=parent)
+        if path.exists():
+            raise PtftError(f"{arg}: {location!r} is neither a folder, a zip archive nor a .csv file")
+        raise PtftError(f"{arg}: {location!r} does not exist (working directory: {Path.cwd()})")
+
+
+def list_samples(location: str, arg: str, path_column: str, label_column: str) -> tuple[list[tuple[ImageSource, str]], list[str]]:
+    """(image, label) pairs from a class-folder tree, a zip of one, or a CSV of paths and labels."""
+    if location.lower().endswith(".csv"):
+        csv_path = Path(location).expanduser()
+        if not csv_path.is_file():
+            raise PtftError(f"{arg}: {location!r} does not exist")
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in (path_column, label_column) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PtftError(f"{csv_path} has no column {missing[0]!r} (columns: {reader.fieldnames})")
+            rows = list(reader)
+        samples = [(ImageSource(csv_path.parent / row[path_column]), row[label_column]) for row in rows]
+        return samples, [s[1] for s in samples]
+    source = ImageSource.parse(location, arg)
+    if source.archive is None:
+        files = sorted(p for p in source.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        pairs = [(ImageSource(p), p.relative_to(source.root).parts[0]) for p in files if p.parent != source.root]
+    else:
+        prefix = "" if str(source.root) == "." else source.root.as_posix().rstrip("/") + "/"
+        with zipfile.ZipFile(source.archive) as zf:
+            names = sorted(n for n in zf.namelist() if n.startswith(prefix) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+        pairs = []
+        for name in names:
+            parts = PurePosixPath(name[len(prefix) :]).parts
+            if len(parts) >= 2:
+                pairs.append((ImageSource(Path(name), archive=source.archive), parts[0]))
+    if not pairs:
+        raise PtftError(f"{arg}: no images in class folders under {location!r} (expected <root>/<class>/<image>)")
+    return pairs, [label for _, label in pairs]
+
+
+class ImageDataset(Dataset):
+    """Images decoded with PIL (from disk or a zip archive opened once per worker) and a transform."""
+
+    def __init__(self, images: list[ImageSource], labels: list[int] | None, transform: Any) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+        self._archives: dict[tuple[int, Path], zipfile.ZipFile] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_archives": {}}  # open zip handles do not cross into worker processes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def open(self, index: int) -> Image.Image:
+        source = self.images[index]
+        if source.archive is None:
+            return Image.open(source.root)
+        # Keyed by process: a forked DataLoader worker must not share the parent's file offset.
+        key = (os.getpid(), source.archive)
+        archive = self._archives.get(key)
+        if archive is None:
+            archive = self._archives[key] = zipfile.ZipFile(source.archive)
+        return Image.open(io.BytesIO(archive.read(source.root.as_posix())))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.open(index).convert("RGB")
+        item: dict[str, Any] = {"pixel_values": self.transform(image)}
+        if self.labels is not None:
+            item["labels"] = self.labels[index]
+        return item
+
+    def unreadable(self) -> list[int]:
+        """Indices of images PIL cannot open or verify."""
+        bad = []
+        for i in range(len(self)):
+            try:
+                self.open(i).verify()
+            except Exception:
+                bad.append(i)
+        return bad
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items])}
+    if "labels" in items[0]:
+        batch["labels"] = torch.tensor([it["labels"] for it in items])
+    return batch
+
+
+class ImageClassificationDataModule(ClassificationDataModule):
+    """Image classification data with timm's transforms for the model (augmented train, deterministic eval).
+
+    Each split is a class-folder tree (``root/<class>/<image>``), a zip archive holding one (``data.zip`` or a
+    folder inside it: ``data.zip/train``), or a CSV file of image paths (relative to the CSV) and labels.
+
+    Every image is checked before training starts. ``on_bad_image: error`` (default) stops with the count and the
+    first unreadable file; ``skip`` drops them and warns with the count.
+
+    Args:
+        train: Training images.
+        val: Validation images; held out from ``train`` when missing.
+        test: Test images (for ``ptft test``).
+        predict: Images to predict: a folder of images, a class-folder tree, a zip or a CSV.
+        labels: Class names in id order; discovered (sorted folder names / CSV labels) when not given.
+        path_column: CSV column with image paths.
+        label_column: CSV column with labels.
+        image_size: Input size (square) overriding the model's default, e.g. 32 for CIFAR-sized images.
+        crop_pct: Evaluation center-crop fraction overriding the model's (1.0 = resize only).
+        augment: Extra training-transform arguments of ``timm.data.create_transform``: ``auto_augment``
+            (``rand-m9-mstd0.5``, ``trivialaugment``…), ``re_prob``, ``hflip``, ``color_jitter``, ``scale``…
+        on_bad_image: What to do with images that cannot be read: ``error`` or ``skip``.
+        batch_size: Training batch size.
+        eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
+        val_fraction: Fraction of training images held out for validation when ``val`` is missing.
+        seed: Seed of the held-out split.
+        num_workers: DataLoader worker processes decoding and transforming images.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        predict: str | None = None,
+        labels: list[str] | None = None,
+        path_column: str = "path",
+        label_column: str = "label",
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        augment: dict[str, Any] | None = None,
+        on_bad_image: Literal["error", "skip"] = "error",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 42,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, labels)
+        self.save_hyperparameters(logger=False)
+        if train is None and test is None and predict is None:
+            raise PtftError("give train (and optionally val / test) images")
+        self.columns = (path_column, label_column)
+        self.samples = {
+            split: list_samples(loc, split, *self.columns) if loc is not None else None
+            for split, loc in (("train", train), ("val", val), ("test", test))
+        }
+        self.predict_location = predict
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self.augment = augment or {}
+        self.on_bad_image = on_bad_image
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.model_data_config: dict[str, Any] | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+
+    def discover_labels(self) -> list[str]:
+        train = self.samples["train"]
+        if train is None:
+            if self.given_labels is None:
+                raise PtftError("without training images, give the label names: data.init_args.labels=[...]")
+            return list(self.given_labels)
+        names = discover_label_names(train[1], self.given_labels, "train")
+        for split in ("val", "test"):
+            if self.samples[split] is not None:
+                encode_labels(self.samples[split][1], names, split)
+        return names
+
+    def connect(self, model: L.LightningModule) -> None:
+        if hasattr(model, "data_config"):
+            self.model_data_config = model.data_config()
+
+    def transform(self, training: bool) -> Any:
+        """timm's transform for the connected model, with this module's size and augmentation overrides."""
+        from timm.data import create_transform
+
+        cfg = dict(self.model_data_config or {})
+        if self.image_size is not None:
+            cfg["input_size"] = (3, self.image_size, self.image_size)
+        if self.crop_pct is not None:
+            cfg["crop_pct"] = self.crop_pct
+        cfg.setdefault("input_size", (3, 224, 224))
+        if training:
+            cfg.pop("crop_pct", None)
+            cfg.pop("crop_mode", None)
+            return create_transform(**cfg, is_training=True, **self.augment)
+        return create_transform(**cfg, is_training=False)
+
+    def _dataset(self, split: str, samples: tuple[list[tuple[ImageSource, str]], list[str]], training: bool) -> ImageDataset:
+        images = [s for s, _ in samples[0]]
+        label_ids = encode_labels(samples[1], self.label_names, split)
+        ds = ImageDataset(images, label_ids, self.transform(training))
+        bad = ds.unreadable()
+        if bad:
+            first = images[bad[0]]
+            where = f"{first.archive}/{first.root}" if first.archive else str(first.root)
+            if self.on_bad_image == "error":
+                raise PtftError(
+                    f"{len(bad)} unreadable image(s) in {split}, first: {where}; "
+                    "remove them or set data.init_args.on_bad_image=skip"
+                )
+            rank_zero_warn(f"skipping {len(bad)} unreadable image(s) in {split}, first: {where}")
+            keep = sorted(set(range(len(ds))) - set(bad))
+            ds = ImageDataset([images[i] for i in keep], [label_ids[i] for i in keep], ds.transform)
+        return ds
+
+    def setup(self, stage: str) -> None:
+        if self.model_data_config is None and self.trainer is not None:
+            self._connect_from_trainer()
+        if stage in ("fit", "validate") and "train" not in self.datasets:
+            train, val = self.samples["train"], self.samples["val"]
+            if train is None:
+                raise PtftError("fitting needs train images")
+            if val is None:
+                train, val = self._hold_out(train)
+            self.datasets["train"] = self._dataset("train", train, training=True)
+            self.datasets["val"] = self._dataset("val", val, training=False)
+        if stage == "test" and "test" not in self.datasets:
+            if self.samples["test"] is None:
+                raise PtftError("testing needs test images")
+            self.datasets["test"] = self._dataset("test", self.samples["test"], training=False)
+        if stage == "predict" and "predict" not in self.datasets:
+            if self.predict_location is None:
+                raise PtftError("predicting needs predict images")
+            self.datasets["predict"] = self._predict_dataset(self.predict_location)
+
+    def _hold_out(self, samples: tuple[list, list]) -> tuple[tuple[list, list], tuple[list, list]]:
+        """Seeded random split of ``val_fraction`` of the training samples."""
+        order = torch.randperm(len(samples[0]), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = max(1, round(self.val_fraction * len(order)))
+
+        def pick(indices: list[int]) -> tuple[list, list]:
+            indices = sorted(indices)
+            return [samples[0][i] for i in indices], [samples[1][i] for i in indices]
+
+        return pick(order[n_val:]), pick(order[:n_val])
+
+    def _predict_dataset(self, location: str) -> ImageDataset:
+        path = Path(location).expanduser()
+        if path.is_dir() and not any(p.is_dir() for p in path.iterdir()):
+            images = [ImageSource(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            images = [s for s, _ in list_samples(location, "predict", *self.columns)[0]]
+        ds = ImageDataset(images, None, self.transform(training=False))
+        bad = ds.unreadable()
+        if bad:
+            raise PtftError(f"{len(bad)} unreadable image(s) in predict, first: {images[bad[0]].root}")
+        return ds
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.datasets["train"], train=True, collate_fn=collate)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.datasets["val"], train=False, collate_fn=collate)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.datasets["test"], train=False, collate_fn=collate)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader(self.datasets["predict"], train=False, collate_fn=collate)

@@ -1,0 +1,88 @@
+"""Vision task modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptft.core.errors import PtftError
+from ptft.core.module import FineTuneModule
+from ptft.core.optim import OptimizerConfig, SchedulerConfig
+
+
+def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model`` with pretrained weights from the hub or a local file, and one-line errors."""
+    import timm
+
+    if pretrained_file is not None:
+        if not Path(pretrained_file).expanduser().is_file():
+            raise PtftError(f"pretrained_file {pretrained_file!r} does not exist")
+        # timm's documented way to load a local weights file (.safetensors / .pth) with the model's own adaptation
+        # (classifier reset, input-channel and position-embedding resizing).
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained_file).expanduser())}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise PtftError(f"unknown timm model {name!r}; list them with: python -c \"import timm; print(timm.list_models('*{name.split('.')[0][:6]}*'))\"") from err
+        raise
+    except (OSError, ValueError) as err:
+        raise PtftError(
+            f"cannot load pretrained weights for timm model {name!r} (hub unreachable?): {str(err).splitlines()[0]}. "
+            "Offline, give a local weights file: --model.init_args.pretrained_file=/path/to/model.safetensors"
+        ) from err
+
+
+class ImageClassifier(FineTuneModule):
+    """Image classification with any timm model.
+
+    Args:
+        model_name: timm model name, with an optional pretrained tag (``resnet50.a1_in1k``, ``vit_small_patch16_224``),
+            or ``hf-hub:timm/<name>``.
+        num_labels: Number of classes. Linked from the data module by the CLI.
+        label_names: Class names in label-id order. Linked from the data module by the CLI.
+        pretrained: Load pretrained weights from the hub (or from ``pretrained_file``).
+        pretrained_file: Local weights file (``.safetensors`` or ``.pth``) to load instead of the hub.
+        model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{drop_rate: 0.1, drop_path_rate: 0.1}``.
+        optimizer: Optimizer and per-group learning-rate settings.
+        scheduler: Learning-rate schedule.
+        label_smoothing: Cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        num_labels: int = 2,
+        label_names: list[str] | None = None,
+        pretrained: bool = True,
+        pretrained_file: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(num_labels, label_names, optimizer, scheduler, label_smoothing)
+        self.model_name = model_name
+        self.model = create_timm_model(
+            model_name, pretrained, pretrained_file, num_classes=num_labels, **(model_kwargs or {})
+        )
+        self.model.train()
+        # A checkpoint rebuilds the architecture by name; its weights come from the state dict.
+        self._save_hparams(pretrained=False, pretrained_file=None)
+
+    def data_config(self) -> dict[str, Any]:
+        """The model's preprocessing (input size, interpolation, mean, std, crop) as timm resolves it."""
+        import timm.data
+
+        return timm.data.resolve_data_config(model=self.model)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["pixel_values"])
+
+    def is_head_parameter(self, name: str) -> bool:
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
