@@ -50,6 +50,11 @@ class PtftCLI(LightningCLI):
             }
         )
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        if config.get("enable_checkpointing") is False:  # the default best-checkpoint callback would contradict it
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # The data needs values only the model knows (tokenizer name, input size, normalisation).

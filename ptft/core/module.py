@@ -42,8 +42,8 @@ class FineTuneModule(L.LightningModule):
         self,
         num_labels: int = 2,
         label_names: list[str] | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()

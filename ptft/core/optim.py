@@ -18,7 +18,7 @@ OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"]
 SchedulerName = Literal["constant", "linear", "cosine", "step", "onecycle", "plateau"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     """Optimizer settings (``model.init_args.optimizer`` in a recipe)."""
 
@@ -54,7 +54,7 @@ class OptimizerConfig:
         return value
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Learning-rate schedule settings (``model.init_args.scheduler`` in a recipe). Steps are optimizer steps."""
 

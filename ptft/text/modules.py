@@ -35,8 +35,8 @@ class TextClassifier(FineTuneModule):
         label_names: list[str] | None = None,
         pretrained: bool = True,
         model_config: dict[str, Any] | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(num_labels, label_names, optimizer, scheduler, label_smoothing)

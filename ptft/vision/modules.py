@@ -60,8 +60,8 @@ class ImageClassifier(FineTuneModule):
         pretrained: bool = True,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(num_labels, label_names, optimizer, scheduler, label_smoothing)

@@ -1,0 +1,58 @@
+"""Every recipe parses, instantiates with a tiny model and generated data, and trains for 2 steps."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, sentiment_rows, write_csv, write_images
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def text_overrides(init: dict, tmp: Path, tiny_bert: str) -> list[str]:
+    text, label = init.get("text_column", "text"), init.get("label_column", "label")
+    names = init.get("labels")
+    renamed_from = {new: old for old, new in (init.get("rename_columns") or {}).items()}
+
+    def rows(n, seed, column):
+        out = []
+        for r in sentiment_rows(n, seed):
+            value = r["label"] == "positive" if names else r["label"]
+            out.append({label: int(value) if names else value, column: r["text"]})
+        return out
+
+    train = write_csv(tmp / "train.csv", rows(48, 1, text))
+    val = write_csv(tmp / "val.csv", rows(16, 2, renamed_from.get(text, text)))
+    args = [f"--model.init_args.model_name={tiny_bert}", f"--data.init_args.train_file={train}"]
+    args.append(f"--data.init_args.val_file={val}")
+    return args
+
+
+def vision_overrides(init: dict, tmp: Path) -> list[str]:
+    train, test = write_images(tmp / "train", 6), write_images(tmp / "test", 2, seed=1)
+    return [
+        "--model.init_args.model_name=test_resnet", "--model.init_args.pretrained=false",
+        f"--data.init_args.train={train}", f"--data.init_args.test={test}", "--data.init_args.num_workers=0",
+    ]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(r.relative_to(REPO / "recipes")) for r in RECIPES])
+def test_recipe_trains_two_steps(recipe, run_cli, tiny_bert, tmp_path):
+    config = yaml.safe_load(recipe.read_text())
+    data_class = config["data"]["class_path"]
+    init = config["data"]["init_args"]
+    if data_class.startswith("ptft.text."):
+        overrides = text_overrides(init, tmp_path, tiny_bert)
+    elif data_class.startswith("ptft.vision."):
+        overrides = vision_overrides(init, tmp_path)
+    else:
+        pytest.fail(f"no tiny stand-in for {data_class}: add one to this test")
+    cli = run_cli(
+        ["fit", "--config", str(recipe), *overrides, "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+         "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"],
+        quiet=False,
+    )
+    assert cli.trainer.global_step == 2
+    package = type(cli.model).__module__.rsplit(".", 1)[0]  # ptft.text.modules -> ptft.text
+    assert f"{package}.{type(cli.model).__name__}" == config["model"]["class_path"]
