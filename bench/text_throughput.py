@@ -100,15 +100,17 @@ def run_hf(train_tsv: Path, dev_tsv: Path, grouped: bool) -> dict:
     extra = {"train_sampling_strategy": "group_by_length"} if grouped else {}
     args = TrainingArguments(
         output_dir=str(WORK / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=64,
-        learning_rate=LR, warmup_ratio=WARMUP, num_train_epochs=1, seed=SEED, report_to=[], save_strategy="no",
+        learning_rate=LR, warmup_steps=WARMUP,  # transformers 5: a float < 1 is a ratio
+        num_train_epochs=1, seed=SEED, report_to=[], save_strategy="no",
         eval_strategy="no", logging_steps=50, disable_tqdm=True, use_cpu=True, **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    logits = trainer.predict(dev).predictions
-    acc = float((np.argmax(logits, -1) == np.array(dev["label"][:])).mean())
+    # Labels come back with the predictions: with group_by_length, transformers 5 also reorders evaluation.
+    out = trainer.predict(dev)
+    acc = float((np.argmax(out.predictions, -1) == out.label_ids).mean())
     return {"train_seconds": seconds, "samples": len(train), "dev_acc": acc}
 
 
@@ -130,7 +132,7 @@ def run_ptft(train_tsv: Path, dev_tsv: Path) -> dict:
     timer = TrainTimer()
     sys.argv = ["ptft"]
     cli = run_cli(
-        ["fit", "--config", str(REPO / "recipes/text/sst2.yaml"), f"--model.init_args.model_name={model_dir()}",
+        ["--config", str(REPO / "recipes/text/sst2.yaml"), f"--model.init_args.model_name={model_dir()}",
          f"--data.init_args.train_file={train_tsv}", f"--data.init_args.val_file={dev_tsv}",
          "--trainer.max_epochs=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
          "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",

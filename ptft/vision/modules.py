@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ptft.core.errors import PtftError
 from ptft.core.module import FineTuneModule
-from ptft.core.optim import OptimizerConfig, SchedulerConfig
+from ptft.core.layers import timm_layer_ids
 
 
 def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> torch.nn.Module:
@@ -42,47 +43,53 @@ class ImageClassifier(FineTuneModule):
     Args:
         model_name: timm model name, with an optional pretrained tag (``resnet50.a1_in1k``, ``vit_small_patch16_224``),
             or ``hf-hub:timm/<name>``.
-        num_labels: Number of classes. Linked from the data module by the CLI.
-        label_names: Class names in label-id order. Linked from the data module by the CLI.
         pretrained: Load pretrained weights from the hub (or from ``pretrained_file``).
         pretrained_file: Local weights file (``.safetensors`` or ``.pth``) to load instead of the hub.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{drop_rate: 0.1, drop_path_rate: 0.1}``.
-        optimizer: Optimizer and per-group learning-rate settings.
-        scheduler: Learning-rate schedule.
-        label_smoothing: Cross-entropy label smoothing.
+        **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``num_labels``,
+            ``label_names``, ``optimizer``, ``scheduler``, ``label_smoothing``, ``l1``, ``l2_sp``, ``peft``,
+            ``checkpoint_weights``, ``compile``).
     """
 
     def __init__(
         self,
         model_name: str,
-        num_labels: int = 2,
-        label_names: list[str] | None = None,
         pretrained: bool = True,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        scheduler: SchedulerConfig = SchedulerConfig(),
-        label_smoothing: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_labels, label_names, optimizer, scheduler, label_smoothing)
+        super().__init__(**kwargs)
         self.model_name = model_name
-        self.model = create_timm_model(
-            model_name, pretrained, pretrained_file, num_classes=num_labels, **(model_kwargs or {})
-        )
-        self.model.train()
-        # A checkpoint rebuilds the architecture by name; its weights come from the state dict.
+        model = create_timm_model(model_name, pretrained, pretrained_file, num_classes=self.num_labels, **(model_kwargs or {}))
+        self._data_config = _timm_data_config(model)
+        self.set_model(model)
+        # A full checkpoint rebuilds the architecture by name; its weights come from the state dict.
         self._save_hparams(pretrained=False, pretrained_file=None)
 
     def data_config(self) -> dict[str, Any]:
         """The model's preprocessing (input size, interpolation, mean, std, crop) as timm resolves it."""
-        import timm.data
-
-        return timm.data.resolve_data_config(model=self.model)
+        return dict(self._data_config)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["pixel_values"])
 
-    def is_head_parameter(self, name: str) -> bool:
-        classifier = self.model.pretrained_cfg.get("classifier") or ()
-        prefixes = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        return any(name == p or name.startswith(p + ".") for p in prefixes)
+    def head_modules(self, model: nn.Module) -> list[str]:
+        classifier = model.pretrained_cfg.get("classifier") or ()
+        return [classifier] if isinstance(classifier, str) else list(classifier)
+
+    def discover_layers(self, model: nn.Module) -> dict[str, int]:
+        return timm_layer_ids(model)
+
+    def save_model(self, model: nn.Module, folder: str) -> None:
+        """timm's hub layout (config.json + model.safetensors): ``timm.create_model("local-dir:<folder>")``."""
+        from timm.models import save_for_hf
+
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": self.label_names}
+        save_for_hf(model, folder, safe_serialization=True)
+
+
+def _timm_data_config(model: nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    return timm.data.resolve_data_config(model=model)
