@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger
 
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError, find_user_error
-from ptft.core.module import FineTuneModule
+from ptft.core.module import FineTuneModule, load_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -146,9 +146,7 @@ def export(args: list[str]) -> None:
     parser.add_argument("ckpt_path", help="a ptft checkpoint")
     parser.add_argument("output", help="folder to write (save_pretrained / timm layout, safetensors)")
     own = parser.parse_args(args)
-    if not Path(own.ckpt_path).is_file():
-        raise PtftError(f"checkpoint {own.ckpt_path!r} does not exist")
-    module = FineTuneModule.load_from_checkpoint(own.ckpt_path, map_location="cpu")
+    module = load_checkpoint(own.ckpt_path)
     module.export(own.output)
     print(f"exported {type(module).__name__} to {own.output}")
 

@@ -128,3 +128,38 @@ def test_recipe_headers_name_their_command():
     for recipe in (REPO / "recipes").rglob("*.yaml"):
         head = recipe.read_text().splitlines()[:4]
         assert any("ptft " in line for line in head if line.startswith("#")), recipe
+
+
+def test_inspect_layers(capsys, tiny_bert, text_files, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    main(["inspect-layers", *text_args(tiny_bert, text_files, "--model.optimizer.layer_decay=0.5",
+                                       "--trainer.logger=false")])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r.split()[0]) for r in rows] == [0, 1, 2, 3]
+    assert "classifier" in rows[-1] and "5.00e-05" in rows[-1] and "6.25e-06" in rows[0]
+
+
+def test_lr_find_saves_plot_and_suggests(capsys, tiny_bert, text_files, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    main(["lr-find", "--num_training=20", f"--plot={tmp_path / 'lr.png'}",
+          *text_args(tiny_bert, text_files, "--trainer.logger=false", "--trainer.enable_progress_bar=false")])
+    out = capsys.readouterr().out
+    assert (tmp_path / "lr.png").stat().st_size > 1000
+    suggestion = float(out.split("suggested learning rate: ")[1].split()[0])
+    assert 1e-7 <= suggestion <= 1.0
+
+
+def test_export_timm_model_loads_with_timm_alone(run_cli, image_dirs, tmp_path):
+    import timm
+
+    cli = run_cli([
+        "fit", "--model=ptft.vision.ImageClassifier", "--model.model_name=test_resnet", "--model.pretrained=false",
+        "--data=ptft.vision.ImageClassificationDataModule", f"--data.train={image_dirs['train']}",
+        "--data.image_size=32", "--data.num_workers=0", "--trainer.max_epochs=1",
+    ])
+    main(["export", cli.trainer.checkpoint_callback.best_model_path, str(tmp_path / "exported")])
+    plain = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    cli.model.eval()
+    torch.testing.assert_close(plain(x), cli.model({"pixel_values": x}))

@@ -3,7 +3,7 @@
 from ptft.core.callbacks import BeforeAfterReport
 from ptft.core.errors import PtftError
 from ptft.core.freezing import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe
-from ptft.core.module import FineTuneModule
+from ptft.core.module import FineTuneModule, load_checkpoint
 from ptft.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_param_groups, build_scheduler
 from ptft.core.peft import PeftConfig
 from ptft.core.tracking import WandbLogger
@@ -24,4 +24,5 @@ __all__ = [
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",
+    "load_checkpoint",
 ]

@@ -266,6 +266,7 @@ class FineTuneModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or k not in params}
         if self._l2_sp_reference:
             checkpoint["l2_sp_reference"] = {k: v.cpu() for k, v in self._l2_sp_reference.items()}
+        checkpoint["ptft_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
         # Dropout and augmentation draw from these: a resumed run continues the same random stream.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
 
@@ -276,3 +277,19 @@ class FineTuneModule(L.LightningModule):
         if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> FineTuneModule:
+    """Loads any ptft checkpoint as the module class that saved it (``weights_only`` loading throughout)."""
+    import importlib
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise PtftError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    class_path = checkpoint.get("ptft_module") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if class_path is None:
+        raise PtftError(f"{path} was not written by a ptft module")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls.load_from_checkpoint(path, map_location=map_location)

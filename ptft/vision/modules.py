@@ -82,7 +82,7 @@ class ImageClassifier(FineTuneModule):
         return timm_layer_ids(model)
 
     def save_model(self, model: nn.Module, folder: str) -> None:
-        """timm's hub layout (config.json + model.safetensors): ``timm.create_model("local-dir:<folder>")``."""
+        """timm's hub layout (config.json + model.safetensors): ``timm.create_model("local-dir:<folder>", pretrained=True)``."""
         from timm.models import save_for_hf
 
         model.pretrained_cfg = {**model.pretrained_cfg, "label_names": self.label_names}
