@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -60,9 +61,49 @@ class TrainTimer(L.Callback):
             self._start = None
 
 
-def run_in_subprocess(script: str, args: list[str]) -> dict:
-    """Runs ``script --one ...`` in a fresh process and returns the JSON it printed after ``RESULT``."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=WORK)
+class TrainMemory(L.Callback):
+    """Peak resident memory of the process while training, and its growth over the memory before training.
+
+    Sampled every 10 ms by a thread: activations, gradients and optimizer state show up in the growth, while the
+    libraries, the data and the model weights loaded before training do not.
+    """
+
+    def __init__(self) -> None:
+        self.baseline_mb = self.peak_mb = 0.0
+        self._stop = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import threading
+
+        import psutil
+
+        process = psutil.Process()
+        self.baseline_mb = self.peak_mb = process.memory_info().rss / 2**20
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(0.01):
+                self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop.set()
+
+    @property
+    def growth_mb(self) -> float:
+        return self.peak_mb - self.baseline_mb
+
+
+# glibc's malloc raises its mmap threshold as large buffers are freed, then keeps later ones on its heap, so RSS
+# reports memory long freed; with a fixed threshold freed buffers go back to the OS and RSS tracks memory in use.
+MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_in_subprocess(script: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Runs ``script --one ...`` in a fresh process (``env`` added) and returns the JSON it printed after ``RESULT``."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=WORK,
+                         env={**os.environ, **(env or {})})
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")

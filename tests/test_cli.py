@@ -1,5 +1,6 @@
 """The ptft command: runs, errors, checkpoints, configs."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,15 @@ def test_validate_test_predict_from_checkpoint(run_cli, tiny_bert, text_files):
     test = run_cli(["test", *text_args(tiny_bert, text_files), f"--ckpt_path={ckpt}"])
     assert 0.0 <= test.trainer.callback_metrics["test/acc"].item() <= 1.0
     pred = run_cli(["predict", *text_args(tiny_bert, text_files, f"--data.predict_file={text_files['test']}"),
-                    f"--ckpt_path={ckpt}"])
+                    f"--ckpt_path={ckpt}", "--trainer.callbacks+=ptft.core.WritePredictions",
+                    "--trainer.callbacks.path=preds.csv"])
     outputs = pred.trainer.predict_loop.predictions
     assert sum(len(o["labels"]) for o in outputs) == 32
+    rows = list(csv.DictReader(open("preds.csv")))
+    assert len(rows) == 32 and set(rows[0]) == {"label", "label_id", "p_negative", "p_positive"}
+    first = outputs[0]
+    assert rows[0]["label"] == first["labels"][0]
+    assert float(rows[0]["p_positive"]) == pytest.approx(first["probs"][0, 1].item(), abs=1e-6)
 
 
 def test_image_fit(run_cli, image_dirs):

@@ -1,6 +1,6 @@
 """The modality-independent core: base module, optimization, layers, freezing, PEFT, labels, tracking."""
 
-from ptft.core.callbacks import BeforeAfterReport
+from ptft.core.callbacks import BeforeAfterReport, WritePredictions
 from ptft.core.errors import PtftError
 from ptft.core.freezing import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe
 from ptft.core.module import FineTuneModule, load_checkpoint
@@ -21,6 +21,7 @@ __all__ = [
     "PtftError",
     "SchedulerConfig",
     "WandbLogger",
+    "WritePredictions",
     "build_optimizer",
     "build_param_groups",
     "build_scheduler",

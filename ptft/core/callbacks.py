@@ -38,3 +38,41 @@ class BeforeAfterReport(L.Callback):
             f"\n{self.monitor} before fine-tuning: {before}\n"
             f"{self.monitor} after fine-tuning:  {self.history[-1]:.4f} (best epoch {max(self.history):.4f})"
         )
+
+
+class WritePredictions(L.Callback):
+    """Writes ``ptft predict`` results to a CSV file: one row per example, in input order.
+
+    Columns: ``label`` (the predicted name), ``label_id``, then one probability column per class (``p_<name>``).
+
+    Args:
+        path: Output CSV file.
+    """
+
+    def __init__(self, path: str = "predictions.csv") -> None:
+        self.path = path
+        self.rows: list[dict[str, object]] = []
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+
+    def on_predict_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: object, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        names = pl_module.label_names
+        for label, label_id, probs in zip(outputs["labels"], outputs["label_ids"].tolist(), outputs["probs"].tolist()):
+            self.rows.append({"label": label, "label_id": label_id, **{f"p_{n}": round(p, 6) for n, p in zip(names, probs)}})
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.rows:
+            return
+        import csv
+        from pathlib import Path
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        rank_zero_info(f"wrote {len(self.rows)} predictions to {self.path}")

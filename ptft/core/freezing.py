@@ -86,6 +86,7 @@ class FreezeSchedule(L.Callback):
         self._layers: dict[str, int] = {}
         self._top = 0
         self._params: dict[str, nn.Parameter] = {}
+        self._frozen_by_module: set[str] = set()
         self._depth: int | None = None
 
     # --- the schedule ---------------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ class FreezeSchedule(L.Callback):
 
     def _may_train(self, name: str) -> bool:
         """Whether ``name`` trains at some point of the run (the rest is frozen once, before the optimizer is built)."""
+        if name in self._frozen_by_module:  # e.g. base weights under PEFT adapters
+            return False
         if any(fnmatch.fnmatchcase(name, p) for p in self.freeze_patterns):
             return False
         if self.biases_only and self._layers[name] != self._top and not name.endswith("bias"):
@@ -131,6 +134,7 @@ class FreezeSchedule(L.Callback):
         self._layers = pl_module.layer_ids()
         self._top = max(self._layers.values(), default=0)
         self._params = dict(pl_module.model.named_parameters())
+        self._frozen_by_module = {n for n, p in self._params.items() if not p.requires_grad}
         if self.freeze_patterns:
             unmatched = [p for p in self.freeze_patterns if not any(fnmatch.fnmatchcase(n, p) for n in self._params)]
             if unmatched:

@@ -30,8 +30,9 @@ class PeftConfig:
     """Rank of the low-rank update (lora, loha)."""
     alpha: int = 16
     """Scaling of the low-rank update (lora, loha)."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input (lora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (lora). Costs a copy of every adapted layer's input: on CPU, 0.05 made LoRA
+    steps slower than full fine-tuning of MiniLM-L6."""
     target_modules: list[str] | str = "all-linear"
     """Module names (suffixes) or a regex to adapt; ``all-linear`` adapts every linear layer except the task head."""
     feedforward_modules: list[str] | None = None

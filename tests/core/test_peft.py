@@ -110,3 +110,17 @@ def test_export_merges_adapters_into_a_plain_model(tiny_bert, text_files, tmp_pa
     with model.model.disable_adapter():  # without the adapter the outputs differ: the merge carried it
         assert not torch.allclose(model(batch), adapted, atol=1e-3)
     assert (tmp_path / "plain" / "tokenizer.json").exists()
+
+
+def test_freeze_schedule_never_unfreezes_weights_under_adapters(tiny_bert, text_files, tmp_path):
+    from ptft.core import FreezeUnfreeze
+
+    model = lora_text(tiny_bert)
+    trainable = {n for n, p in model.model.named_parameters() if p.requires_grad}
+    data = TextClassificationDataModule(train_file=text_files["train"], val_file=text_files["val"], batch_size=16)
+    data.connect(model)
+    before = weights(model.model)
+    trainer(tmp_path, max_epochs=2, callbacks=[FreezeUnfreeze(unfreeze_at_epoch=1)]).fit(model, data)
+    moved = changed(before, weights(model.model))
+    assert moved and moved <= trainable
+    assert {n for n, p in model.model.named_parameters() if p.requires_grad} == trainable

@@ -106,3 +106,21 @@ def test_eval_labels_never_seen_in_training(tmp_path, text_files):
     dm = TextClassificationDataModule(train_file=text_files["train"], val_file=val)
     with pytest.raises(PtftError, match=r"v.csv has labels never seen in training: \['neutral'\]"):
         dm.label_names
+
+
+def test_dataset_folder_through_hf_datasets(tmp_path, tiny_bert):
+    """A `dataset` name goes through datasets.load_dataset: here a local folder of split files (offline)."""
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    write_csv(folder / "train.csv", sentiment_rows(40, seed=1))
+    write_csv(folder / "validation.csv", sentiment_rows(10, seed=2))
+    dm = TextClassificationDataModule(dataset=str(folder), tokenizer=tiny_bert, batch_size=8)
+    assert dm.label_names == ["negative", "positive"]
+    dm.setup("fit")
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (40, 10)
+
+
+def test_unknown_dataset_offline_is_one_line(tmp_path):
+    dm = TextClassificationDataModule(dataset="no-such-user/no-such-dataset")
+    with pytest.raises(PtftError, match="cannot load split 'train' of dataset 'no-such-user/no-such-dataset'"):
+        dm.label_names
