@@ -61,8 +61,10 @@ def apply_peft(model: nn.Module, config: PeftConfig, head_modules: list[str]) ->
 
 def merge_adapters(model: nn.Module) -> nn.Module:
     """The plain model with adapters merged into its weights (no PEFT needed to use it)."""
-    import peft
-
+    try:
+        import peft
+    except ImportError:  # without PEFT installed, no model can hold adapters
+        return model
     if isinstance(model, peft.PeftModel):
         return model.merge_and_unload()
     return model
