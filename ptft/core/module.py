@@ -54,8 +54,9 @@ class FineTuneModule(L.LightningModule):
         self,
         num_labels: int = 2,
         label_names: list[str] | None = None,
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        scheduler: SchedulerConfig = SchedulerConfig(),
+        # Frozen dataclass instances as defaults: --print_config then shows every field.
+        optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
+        scheduler: SchedulerConfig = SchedulerConfig(),  # noqa: B008
         label_smoothing: float = 0.0,
         l1: float = 0.0,
         l2_sp: float = 0.0,

@@ -1,7 +1,5 @@
 """Freezing schedules: what trains when, resume, schedulers, BatchNorm, DDP, torch.compile (PITFALLS.md)."""
 
-import math
-from pathlib import Path
 
 import lightning as L
 import pytest

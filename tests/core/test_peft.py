@@ -1,6 +1,5 @@
 """PEFT adapters on Hugging Face and timm models; trainable-only checkpoints; merge-and-export."""
 
-from pathlib import Path
 
 import lightning as L
 import pytest

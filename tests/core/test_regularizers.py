@@ -1,6 +1,5 @@
 """L1, L2-SP, dropout / drop-path overrides, and Lightning's EMA, SWA, clipping and early stopping from YAML."""
 
-import lightning as L
 import pytest
 import torch
 from helpers import trainer
