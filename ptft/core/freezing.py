@@ -88,6 +88,7 @@ class FreezeSchedule(L.Callback):
         self._params: dict[str, nn.Parameter] = {}
         self._frozen_by_module: set[str] = set()
         self._depth: int | None = None
+        self._training: set[str] = set()  # names training at the current depth, recomputed when it changes
 
     # --- the schedule ---------------------------------------------------------------------------------------
     def depth(self, epoch: int, step: int) -> int:
@@ -160,7 +161,7 @@ class FreezeSchedule(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self.mask_gradients:
             for name, param in self._params.items():
-                if param.grad is not None and not self.trains(name, self._depth):
+                if param.grad is not None and name not in self._training:
                     param.grad = None  # the optimizer skips it: no update, no weight decay, no moment
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -168,12 +169,13 @@ class FreezeSchedule(L.Callback):
         if depth == self._depth:
             return
         self._depth = depth
+        self._training = {name for name in self._params if self.trains(name, depth)}
         if not self.mask_gradients:
             for name, param in self._params.items():
                 if self._may_train(name):
-                    param.requires_grad_(self.trains(name, depth))
+                    param.requires_grad_(name in self._training)
         self._set_bn_modes(pl_module)
-        training = sum(p.numel() for n, p in self._params.items() if self.trains(n, depth))
+        training = sum(p.numel() for n, p in self._params.items() if n in self._training)
         total = sum(p.numel() for p in self._params.values())
         first = self._top + 1 - depth
         rank_zero_info(
@@ -189,7 +191,7 @@ class FreezeSchedule(L.Callback):
         for prefix, module in pl_module.model.named_modules():
             if isinstance(module, _BN) and module.weight is not None:
                 name = f"{prefix}.weight" if prefix else "weight"
-                frozen = self.freeze_bn == "all" or not self.trains(name, self._depth or 0)
+                frozen = self.freeze_bn == "all" or name not in self._training
                 module.train(not frozen)
 
 
