@@ -15,11 +15,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
-from ptft.core.data import ClassificationDataModule
+from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError, find_user_error
 from ptft.core.module import FineTuneModule, load_checkpoint
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+AUTO_MONITOR = "auto"
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -29,7 +30,8 @@ class LogConfigCallback(SaveConfigCallback):
         if isinstance(trainer.logger, Logger):
             config = self.config.as_dict()
             # Linked values are not in the parsed config (they are computed); record them for the run.
-            config["model"]["init_args"].update(num_labels=pl_module.num_labels, label_names=pl_module.label_names)
+            linked = {k: getattr(pl_module, k) for k in ("num_labels", "label_names") if hasattr(pl_module, k)}
+            config["model"]["init_args"].update(linked)
             trainer.logger.log_hyperparams(config)
 
 
@@ -38,12 +40,13 @@ class PtftCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Values that only the data knows are linked into the model when both are built (and saved with it).
+        # jsonargparse skips a link whose source or target the chosen classes lack (tasks without labels).
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/acc",
+                "checkpoint.monitor": AUTO_MONITOR,  # the task module's checkpoint_monitor
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best-{epoch}-{step}",
                 "checkpoint.save_top_k": 1,
@@ -54,7 +57,17 @@ class PtftCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if config.get("enable_checkpointing") is False:  # the default best-checkpoint callback would contradict it
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        else:
+            callbacks = [self._task_checkpoint(c) for c in callbacks]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _task_checkpoint(self, callback: Any) -> Any:
+        """The default best checkpoint follows the task's metric (``val/acc`` for classification, ``val/f1`` for NER…)."""
+        if not isinstance(callback, ModelCheckpoint) or callback.monitor != AUTO_MONITOR:
+            return callback
+        monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/loss", "min"))
+        args = self._get(self.config, "checkpoint").as_dict()
+        return ModelCheckpoint(**{**args, "monitor": monitor, "mode": mode})
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -66,7 +79,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PtftCLI:
     """Runs the ptft CLI in-process (``args`` as on the command line, without the program name)."""
     return PtftCLI(
         FineTuneModule,
-        ClassificationDataModule,
+        FineTuneDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LogConfigCallback,

@@ -3,7 +3,8 @@
 from ptft.core.callbacks import BeforeAfterReport, WritePredictions
 from ptft.core.errors import PtftError
 from ptft.core.freezing import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe
-from ptft.core.module import FineTuneModule, load_checkpoint
+from ptft.core.data import ClassificationDataModule, FineTuneDataModule
+from ptft.core.module import ClassificationModule, FineTuneModule, load_checkpoint
 from ptft.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_param_groups, build_scheduler
 from ptft.core.peft import PeftConfig
 from ptft.core.tracking import WandbLogger
@@ -11,6 +12,9 @@ from ptft.core.tracking import WandbLogger
 __all__ = [
     "BeforeAfterReport",
     "BitFit",
+    "ClassificationDataModule",
+    "ClassificationModule",
+    "FineTuneDataModule",
     "FineTuneModule",
     "FreezeSchedule",
     "FreezeUnfreeze",

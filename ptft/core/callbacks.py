@@ -41,12 +41,13 @@ class BeforeAfterReport(L.Callback):
 
 
 class WritePredictions(L.Callback):
-    """Writes ``ptft predict`` results to a CSV file: one row per example, in input order.
+    """Writes ``ptft predict`` results to a file: one row per example, in input order.
 
-    Columns: ``label`` (the predicted name), ``label_id``, then one probability column per class (``p_<name>``).
+    The module's ``prediction_rows`` decides the columns (classification: ``label``, ``label_id``, then one
+    probability column per class, ``p_<name>``).
 
     Args:
-        path: Output CSV file.
+        path: Output file: ``.csv``, or ``.jsonl`` (one JSON object per line, for nested values such as entities).
     """
 
     def __init__(self, path: str = "predictions.csv") -> None:
@@ -60,19 +61,21 @@ class WritePredictions(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: dict, batch: object, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        names = pl_module.label_names
-        for label, label_id, probs in zip(outputs["labels"], outputs["label_ids"].tolist(), outputs["probs"].tolist()):
-            self.rows.append({"label": label, "label_id": label_id, **{f"p_{n}": round(p, 6) for n, p in zip(names, probs)}})
+        self.rows.extend(pl_module.prediction_rows(outputs))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.rows:
             return
         import csv
+        import json
         from pathlib import Path
 
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
-            writer.writeheader()
-            writer.writerows(self.rows)
+            if self.path.endswith(".jsonl"):
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in self.rows)
+            else:
+                writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+                writer.writeheader()
+                writer.writerows(self.rows)
         rank_zero_info(f"wrote {len(self.rows)} predictions to {self.path}")

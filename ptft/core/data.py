@@ -1,4 +1,4 @@
-"""What every ptft classification data module shares: label discovery, the model connection, loaders."""
+"""What every ptft data module shares: the model connection and seeded loaders; label discovery for classification."""
 
 from __future__ import annotations
 
@@ -52,41 +52,19 @@ class EpochSeededSampler(Sampler[int]):
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
-class ClassificationDataModule(L.LightningDataModule):
-    """Base of the classification data modules.
+class FineTuneDataModule(L.LightningDataModule):
+    """Base of every ptft data module: batch sizes, workers, seeded training order, the model connection.
 
-    Label names are discovered from the training data on first access of :attr:`label_names` /
-    :attr:`num_labels` (the CLI links them into the model right after instantiation, so bad labels are
-    reported before any model is built). :meth:`connect` receives the model for values only it knows
-    (tokenizer, input size, normalisation).
+    :meth:`connect` receives the model right after the CLI builds it, for values only the model knows (tokenizer,
+    input size, normalisation).
     """
 
-    def __init__(
-        self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None, seed: int
-    ) -> None:
+    def __init__(self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int) -> None:
         super().__init__()
         self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.given_labels = labels
-        self._label_names: list[str] | None = None
-
-    @property
-    def label_names(self) -> list[str]:
-        """Class names in label-id order."""
-        if self._label_names is None:
-            self._label_names = self.discover_labels()
-        return self._label_names
-
-    @property
-    def num_labels(self) -> int:
-        """Number of classes."""
-        return len(self.label_names)
-
-    def discover_labels(self) -> list[str]:
-        """Reads the training labels (and checks the evaluation labels against them)."""
-        raise NotImplementedError
 
     def connect(self, model: L.LightningModule) -> None:
         """Takes what the data needs from the model (tokenizer name, input size, normalisation)."""
@@ -110,3 +88,42 @@ class ClassificationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_fn,
         )
+
+
+class LabelsMixin:
+    """Label names for a data module: discovered from the training data on first access, or given.
+
+    The CLI links :attr:`label_names` / :attr:`num_labels` into the model right after instantiation, so bad labels
+    are reported before any model is built. Call :meth:`init_labels` in ``__init__`` and implement
+    :meth:`discover_labels`.
+    """
+
+    def init_labels(self, labels: list[str] | None) -> None:
+        self.given_labels = labels
+        self._label_names: list[str] | None = None
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in label-id order."""
+        if self._label_names is None:
+            self._label_names = self.discover_labels()
+        return self._label_names
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes."""
+        return len(self.label_names)
+
+    def discover_labels(self) -> list[str]:
+        """Reads the training labels (and checks the evaluation labels against them)."""
+        raise NotImplementedError
+
+
+class ClassificationDataModule(LabelsMixin, FineTuneDataModule):
+    """Base of the classification data modules that are not text (see :class:`ptft.text.base.TextDataModule`)."""
+
+    def __init__(
+        self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None, seed: int
+    ) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        self.init_labels(labels)

@@ -38,3 +38,26 @@ def load_pretrained(loader: Callable[..., T], name: str, what: str = "model", **
             f"Point the recipe at a local folder with config.json and weights (written by save_pretrained), "
             f"e.g. --model.init_args.model_name=/path/to/model"
         ) from err
+
+
+def resolve_model_name(name: str) -> str:
+    """``name`` itself, or for a ptft checkpoint file (``.ckpt``) a folder holding its exported model.
+
+    This is how one run's result becomes the next run's starting point (continued pre-training, then
+    fine-tuning): ``model_name: runs/mlm/checkpoints/last.ckpt``. The export (adapters merged, ``save_pretrained``
+    layout plus tokenizer) is cached beside the checkpoint, keyed by its size and modification time.
+    """
+    path = Path(name).expanduser()
+    if path.suffix != ".ckpt":
+        return name
+    if not path.is_file():
+        raise PtftError(f"checkpoint {name!r} does not exist")
+    stat = path.stat()
+    folder = path.with_name(f"{path.stem}.exported-{stat.st_size}-{int(stat.st_mtime)}")
+    if not (folder / "config.json").exists():
+        from ptft.core.module import load_checkpoint
+
+        tmp = folder.with_name(folder.name + ".tmp")
+        load_checkpoint(str(path)).export(str(tmp))
+        tmp.replace(folder)  # never a half-written folder under the final name
+    return str(folder)

@@ -29,18 +29,16 @@ STAGES = ("train", "val", "test")
 
 
 class FineTuneModule(L.LightningModule):
-    """Owns a backbone with its task head, the loss, metrics per stage, the optimizer and its schedule.
+    """Owns a network, its optimizer and schedule, regularisers, PEFT adapters and checkpoints: what every task shares.
 
-    A task module builds its network and hands it to :meth:`set_model`, implements :meth:`forward`
-    (batch -> logits), :meth:`head_modules` (which submodules are the new task head) and :meth:`discover_layers`
-    (a depth index per parameter). Batches are dicts holding the model inputs and ``labels``.
+    A task module builds its network and hands it to :meth:`set_model`, and implements :meth:`forward`,
+    :meth:`step` (batch -> loss and outputs), :meth:`head_modules` (which submodules are newly initialised) and
+    :meth:`discover_layers` (a depth index per parameter). Metrics come from :meth:`build_metrics` and
+    :meth:`update_metrics`. :class:`ClassificationModule` is the classification case.
 
     Args:
-        num_labels: Number of classes. Linked from the data module by the CLI.
-        label_names: Class names in label-id order. Linked from the data module by the CLI.
         optimizer: Optimizer and per-group learning rates (layer-wise decay, head learning rate).
         scheduler: Learning-rate schedule (warmup, decay), applied to every parameter group.
-        label_smoothing: Cross-entropy label smoothing.
         l1: L1 penalty strength on trainable weight matrices.
         l2_sp: L2-SP strength: ``l2_sp / 2 * ||w - w_pretrained||^2`` over the backbone's trainable weights pulls them
             towards their starting values (Li et al., 2018). The starting weights are kept in checkpoints.
@@ -50,14 +48,14 @@ class FineTuneModule(L.LightningModule):
         compile: ``torch.compile`` backend for the model (``inductor``, ``aot_eager``…); ``None`` runs eagerly.
     """
 
+    #: The metric the CLI's default best checkpoint follows, and whether higher is better.
+    checkpoint_monitor: tuple[str, Literal["min", "max"]] = ("val/loss", "min")
+
     def __init__(
         self,
-        num_labels: int = 2,
-        label_names: list[str] | None = None,
         # Frozen dataclass instances as defaults: --print_config then shows every field.
         optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
         scheduler: SchedulerConfig = SchedulerConfig(),  # noqa: B008
-        label_smoothing: float = 0.0,
         l1: float = 0.0,
         l2_sp: float = 0.0,
         peft: PeftConfig | None = None,
@@ -65,28 +63,20 @@ class FineTuneModule(L.LightningModule):
         compile: str | None = None,
     ) -> None:
         super().__init__()
-        if label_names is not None and len(label_names) != num_labels:
-            raise PtftError(f"{len(label_names)} label_names given for num_labels={num_labels}")
-        self.num_labels = num_labels
-        self.label_names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.scheduler_config = SchedulerConfig.coerce(scheduler)
         self.peft_config = PeftConfig(**peft) if isinstance(peft, dict) else peft
-        self.label_smoothing = label_smoothing
         self.l1 = l1
         self.l2_sp = l2_sp
         self.checkpoint_weights = checkpoint_weights
         self.compile_backend = compile
         # Trainable-only checkpoints lack the frozen weights: they come from the pretrained model instead.
         self.strict_loading = checkpoint_weights == "all"
-        metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-                "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
-            }
-        )
+        metrics = self.build_metrics()
         # Keyed "train_", "val_", "test_": a ModuleDict key "train" would shadow nn.Module.train.
-        self.metrics = nn.ModuleDict({f"{stage}_": metrics.clone(prefix=f"{stage}/") for stage in STAGES})
+        self.metrics = nn.ModuleDict(
+            {} if metrics is None else {f"{stage}_": metrics.clone(prefix=f"{stage}/") for stage in STAGES}
+        )
         self._head_names: set[str] = set()
         self._plain_layers: dict[str, int] = {}
         self._l2_sp_reference: dict[str, torch.Tensor] = {}
@@ -109,29 +99,41 @@ class FineTuneModule(L.LightningModule):
         if self.compile_backend is not None:
             self.model.compile(backend=self.compile_backend)  # in place: parameter names and checkpoints unchanged
 
-    def _save_hparams(self, **overrides: Any) -> None:
+    def _save_hparams(self, frame: Any = None, **overrides: Any) -> None:
         """Saves the constructor arguments as plain values, so ``load_from_checkpoint`` works outside the CLI.
 
-        ``logger=False``: the CLI logs the whole nested config once; Lightning's flat copy would duplicate it.
+        Call it at the end of the task module's ``__init__``; ``overrides`` replace saved values in full
+        checkpoints (``pretrained=False``: the weights are in the checkpoint). ``logger=False``: the CLI logs the
+        whole nested config once; Lightning's flat copy would duplicate it.
         """
-        init_frame = inspect.currentframe().f_back  # the subclass __init__ whose arguments are saved
+        init_frame = frame or inspect.currentframe().f_back  # the task module's __init__ whose arguments are saved
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "peft"], frame=init_frame, logger=False)
         self.hparams["optimizer"] = as_dict(self.optimizer_config)
         self.hparams["scheduler"] = as_dict(self.scheduler_config)
         self.hparams["peft"] = None if self.peft_config is None else as_dict(self.peft_config)
-        self.hparams["label_names"] = self.label_names
         if self.checkpoint_weights == "all":
             # A full checkpoint rebuilds the architecture without the pretrained weights (they are in it).
             self.hparams.update(overrides)
 
     # --- subclass hooks -------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Returns class logits of shape ``(batch, num_labels)``."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Runs the network on a batch (classification: logits of shape ``(batch, num_labels)``)."""
         raise NotImplementedError
 
-    def head_modules(self, model: nn.Module) -> list[str]:
-        """Names of the submodules of ``model`` that form the newly initialised task head."""
+    def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
+        """The loss of a batch and the outputs :meth:`update_metrics` needs (``stage``: train, val or test)."""
         raise NotImplementedError
+
+    def build_metrics(self) -> MetricCollection | None:
+        """The metrics of one stage; cloned per stage with ``train/``, ``val/``, ``test/`` prefixes."""
+        return None
+
+    def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
+        """Updates and logs ``self.metrics[f"{stage}_"]`` from :meth:`step`'s outputs."""
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Names of the submodules of ``model`` that form the newly initialised task head (none by default)."""
+        return []
 
     def discover_layers(self, model: nn.Module) -> dict[str, int]:
         """Depth index of every parameter of ``model``: 0 = embeddings / stem, one per block, the head on top."""
@@ -155,9 +157,6 @@ class FineTuneModule(L.LightningModule):
         return ids
 
     # --- steps ----------------------------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-
     def penalty(self) -> torch.Tensor | None:
         """L1 and L2-SP penalties over the trainable weights, or ``None`` when both are off."""
         if not (self.l1 or self.l2_sp):
@@ -175,40 +174,36 @@ class FineTuneModule(L.LightningModule):
                 total = total + 0.5 * self.l2_sp * (param - reference).pow(2).sum()
         return total
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch)
-        labels = batch["labels"]
-        loss = self.loss(logits, labels)
-        batch_size = labels.shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=batch_size)
-        metrics = self.metrics[f"{stage}_"]
-        metrics.update(logits.detach(), labels)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=batch_size)
+    @staticmethod
+    def batch_size_of(batch: Any) -> int:
+        """Examples in a batch (the length of its first tensor), for logging averages."""
+        values = batch.values() if isinstance(batch, dict) else batch
+        first = next(v for v in values if hasattr(v, "__len__"))
+        return len(first)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        loss, outputs = self.step(batch, stage)
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=self.batch_size_of(batch))
+        self.update_metrics(stage, outputs, batch)
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         penalty = self.penalty()
         if penalty is not None:
-            self.log("train/penalty", penalty, batch_size=batch["labels"].shape[0])
+            self.log("train/penalty", penalty, batch_size=self.batch_size_of(batch))
             loss = loss + penalty
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
-        """Returns predicted label ids, their names and the class probabilities for each example."""
-        probs = self(batch).float().softmax(dim=-1)
-        ids = probs.argmax(dim=-1)
-        return {
-            "label_ids": ids,
-            "labels": [self.label_names[i] for i in ids.tolist()],
-            "probs": probs,
-        }
+    def prediction_rows(self, outputs: Any) -> list[dict[str, Any]]:
+        """One flat row per example of a :meth:`predict_step` output, for :class:`ptft.core.WritePredictions`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define prediction rows")
 
     # --- optimization ---------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -278,6 +273,72 @@ class FineTuneModule(L.LightningModule):
         if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
+
+
+class ClassificationModule(FineTuneModule):
+    """One label per example: cross-entropy, accuracy and macro-F1, class probabilities as predictions.
+
+    Args:
+        num_labels: Number of classes. Linked from the data module by the CLI.
+        label_names: Class names in label-id order. Linked from the data module by the CLI.
+        label_smoothing: Cross-entropy label smoothing.
+        **kwargs: The shared fine-tuning arguments of :class:`FineTuneModule`.
+    """
+
+    checkpoint_monitor = ("val/acc", "max")
+
+    def __init__(
+        self, num_labels: int = 2, label_names: list[str] | None = None, label_smoothing: float = 0.0, **kwargs: Any
+    ) -> None:
+        if label_names is not None and len(label_names) != num_labels:
+            raise PtftError(f"{len(label_names)} label_names given for num_labels={num_labels}")
+        self.num_labels = num_labels
+        self.label_names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
+        self.label_smoothing = label_smoothing
+        super().__init__(**kwargs)
+
+    def _save_hparams(self, **overrides: Any) -> None:
+        super()._save_hparams(frame=inspect.currentframe().f_back, **overrides)
+        self.hparams["label_names"] = self.label_names
+
+    def build_metrics(self) -> MetricCollection | None:
+        return MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes=self.num_labels, average="micro"),
+                "f1": MulticlassF1Score(num_classes=self.num_labels, average="macro"),
+            }
+        )
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
+        logits = self(batch)
+        return self.loss(logits, batch["labels"]), (logits.detach(), batch["labels"])
+
+    def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
+        logits, labels = outputs
+        metrics = self.metrics[f"{stage}_"]
+        metrics.update(logits, labels)
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=labels.shape[0])
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Returns predicted label ids, their names and the class probabilities for each example."""
+        probs = self(batch).float().softmax(dim=-1)
+        ids = probs.argmax(dim=-1)
+        return {
+            "label_ids": ids,
+            "labels": [self.label_names[i] for i in ids.tolist()],
+            "probs": probs,
+        }
+
+    def prediction_rows(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """``label`` (the predicted name), ``label_id``, then one probability column per class (``p_<name>``)."""
+        rows = []
+        for label, label_id, probs in zip(outputs["labels"], outputs["label_ids"].tolist(), outputs["probs"].tolist()):
+            rows.append({"label": label, "label_id": label_id, **{f"p_{n}": round(p, 6) for n, p in zip(self.label_names, probs)}})
+        return rows
+
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> FineTuneModule:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.core.module import FineTuneModule
+from ptft.core.module import ClassificationModule
 from ptft.core.layers import timm_layer_ids
 
 
@@ -37,7 +37,7 @@ def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, 
         ) from err
 
 
-class ImageClassifier(FineTuneModule):
+class ImageClassifier(ClassificationModule):
     """Image classification with any timm model.
 
     Args:
@@ -46,8 +46,8 @@ class ImageClassifier(FineTuneModule):
         pretrained: Load pretrained weights from the hub (or from ``pretrained_file``).
         pretrained_file: Local weights file (``.safetensors`` or ``.pth``) to load instead of the hub.
         model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{drop_rate: 0.1, drop_path_rate: 0.1}``.
-        **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``num_labels``,
-            ``label_names``, ``optimizer``, ``scheduler``, ``label_smoothing``, ``l1``, ``l2_sp``, ``peft``,
+        **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
+            ``label_names``, ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``, ``l2_sp``, ``peft``,
             ``checkpoint_weights``, ``compile``).
     """
 
