@@ -137,3 +137,20 @@ def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         return _run([subcommand, *rest, *extra, f"--trainer.default_root_dir={tmp_path}"])
 
     return run
+
+
+@pytest.fixture
+def run_recipe(run_cli, tmp_path: Path):
+    """Runs ``ptft fit --config recipes/<name>`` for ``steps`` steps on CPU with ``overrides`` (tiny model, data)."""
+
+    def run(name: str, overrides: list[str], steps: int = 2):
+        recipe = REPO / name
+        assert recipe.exists(), recipe
+        return run_cli(
+            ["fit", "--config", str(recipe), *overrides, f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
+             "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+             "--trainer.enable_progress_bar=false", "--trainer.logger=false"],
+            quiet=False,
+        )
+
+    return run
