@@ -1,11 +1,23 @@
 """The modality-independent core: base module, optimization, layers, freezing, PEFT, labels, tracking."""
 
 from ptft.core.callbacks import BeforeAfterReport, WritePredictions
-from ptft.core.errors import PtftError
-from ptft.core.freezing import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe
 from ptft.core.data import ClassificationDataModule, FineTuneDataModule
+from ptft.core.errors import PtftError
+from ptft.core.freezing import (
+    BitFit,
+    FreezeSchedule,
+    FreezeUnfreeze,
+    GradualUnfreeze,
+    LinearProbe,
+)
 from ptft.core.module import ClassificationModule, FineTuneModule, load_checkpoint
-from ptft.core.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_param_groups, build_scheduler
+from ptft.core.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+)
 from ptft.core.peft import PeftConfig
 from ptft.core.tracking import WandbLogger
 

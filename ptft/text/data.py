@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from ptft.core.data import LabelsMixin
 from ptft.core.errors import PtftError
@@ -26,6 +30,11 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             other label is an error. Discovered from the training data when not given.
         group_by_length: Batch texts of similar length together (shuffled mega-batches sorted by length, as
             Hugging Face's length-grouped sampler): far less padding, same accuracy.
+        long_documents: ``truncate`` keeps the first ``max_length`` tokens. ``windows`` splits each text into
+            overlapping windows of ``max_length`` tokens (``stride`` apart): training uses every window with its
+            document's label; evaluation and prediction combine a document's windows (the model's ``aggregate``),
+            so metrics and predictions are per document.
+        stride: Tokens shared by consecutive windows (``windows`` only).
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
             ``rename_columns``, ``tokenizer``, ``max_length``, ``batch_size``, ``eval_batch_size``,
@@ -39,6 +48,8 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
         label_column: str = "label",
         labels: list[str] | None = None,
         group_by_length: bool = True,
+        long_documents: Literal["truncate", "windows"] = "truncate",
+        stride: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -48,6 +59,10 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
         self.text_pair_column = text_pair_column
         self.label_column = label_column
         self.group_by_length = group_by_length
+        self.windows = long_documents == "windows"
+        self.stride = stride
+        if self.windows and stride >= self.max_length // 2:
+            raise PtftError(f"stride ({stride}) must be under half of max_length ({self.max_length}) for windows to advance")
         self._pad: Any = None
 
     def columns(self, split: str) -> dict[str, str]:
@@ -75,15 +90,28 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
         tokenizer, text, pair, max_length = self.tokenizer, self.text_column, self.text_pair_column, self.max_length
         label, names = self.label_column, self.label_names if split != "predict" else None
 
-        def tokenize(batch: dict[str, list]) -> dict[str, list]:
-            enc = tokenizer(batch[text], batch[pair] if pair else None, truncation=True, max_length=max_length)
+        windows = {}
+        if self.windows:  # every window of a document, then the document each came from
+            windows = {"stride": self.stride, "return_overflowing_tokens": True}
+            windows["truncation"] = "only_second" if pair else True
+
+        def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            enc = tokenizer(batch[text], batch[pair] if pair else None, max_length=max_length, **{"truncation": True, **windows})
+            rows = enc.pop("overflow_to_sample_mapping", range(len(indices)))
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             if names is not None:  # evaluation labels were checked against training's in discover_labels
-                enc["labels"] = encode_labels(batch[label], names, "labels")
+                ids = encode_labels(batch[label], names, "labels")
+                enc["labels"] = [ids[r] for r in rows]
+            if windows:
+                enc["doc_ids"] = [indices[r] for r in rows]
             return enc
 
-        encoded = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
-        return sort_by_length(encoded) if split in ("val", "test") else encoded
+        encoded = ds.map(
+            tokenize, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}"
+        )
+        if split in ("val", "test") and not self.windows:  # windows stay in document order, for DocumentBatches
+            return sort_by_length(encoded)
+        return encoded
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if self._pad is None:
@@ -94,3 +122,74 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
 
     def train_lengths(self) -> list[int] | None:
         return column(self.datasets["train"], "length") if self.group_by_length else None
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        if not self.windows:
+            return self._loader(self.datasets[split], train=False, collate_fn=self.collate)
+        batches = DocumentBatches(column(self.datasets[split], "doc_ids"), self.eval_batch_size)
+        return DataLoader(self.datasets[split], batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+
+class DocumentBatches(Sampler[list[int]]):
+    """Evaluation batches of whole documents: a document's windows are never split across batches.
+
+    Windows come in document order; a batch takes documents while they fit in ``batch_size`` windows (a document
+    longer than that is a batch of its own), so the model combines each document's windows within one step.
+    """
+
+    def __init__(self, doc_ids: list[int], batch_size: int) -> None:
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        start = 0
+        for end in range(1, len(doc_ids) + 1):
+            if end == len(doc_ids) or doc_ids[end] != doc_ids[start]:
+                document = list(range(start, end))
+                if current and len(current) + len(document) > batch_size:
+                    self.batches.append(current)
+                    current = []
+                current.extend(document)
+                start = end
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def aggregate_windows(logits: torch.Tensor, doc_ids: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combines per-window logits into per-document scores.
+
+    Args:
+        logits: ``(windows, classes)``, windows of a document adjacent.
+        doc_ids: ``(windows,)`` document id of each window.
+        how: ``mean`` (mean logits), ``max`` (per-class maximum over windows: "any window says so"), ``vote``
+            (fraction of windows predicting each class).
+
+    Returns:
+        Document scores ``(documents, classes)`` and the index of each document's first window.
+    """
+    _, counts = torch.unique_consecutive(doc_ids, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    parts = logits.split(counts.tolist())
+    if how == "mean":
+        scores = [p.mean(0) for p in parts]
+    elif how == "max":
+        scores = [p.max(0).values for p in parts]
+    elif how == "vote":
+        classes = logits.shape[-1]
+        scores = [torch.bincount(p.argmax(-1), minlength=classes).to(logits.dtype) / len(p) for p in parts]
+    else:
+        raise ValueError(f"unknown aggregation {how!r}")
+    return torch.stack(scores), first

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.core.module import ClassificationModule
 from ptft.core.layers import timm_layer_ids
+from ptft.core.module import ClassificationModule
 
 
 def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> torch.nn.Module:
