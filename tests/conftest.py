@@ -149,7 +149,7 @@ def run_recipe(run_cli, tmp_path: Path):
         return run_cli(
             ["fit", "--config", str(recipe), *overrides, f"--trainer.max_steps={steps}", "--trainer.accelerator=cpu",
              "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-             "--trainer.enable_progress_bar=false", "--trainer.logger=false"],
+             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"],
             quiet=False,
         )
 

@@ -2,5 +2,6 @@
 
 from ptft.text.data import TextClassificationDataModule
 from ptft.text.modules import TextClassifier
+from ptft.text.qa import QuestionAnswerer, QuestionAnsweringDataModule
 
-__all__ = ["TextClassificationDataModule", "TextClassifier"]
+__all__ = ["QuestionAnswerer", "QuestionAnsweringDataModule", "TextClassificationDataModule", "TextClassifier"]

@@ -65,8 +65,10 @@ class TextSources:
         dataset_config: str | None,
         splits: dict[str, str | None],
         rename_columns: dict[str, str] | None,
+        reader: Any = load_table,
     ) -> None:
         self.files = {split: existing_path(path, f"{split}_file") for split, path in files.items()}
+        self.reader = reader  # a task's own file formats (nested SQuAD JSON, CoNLL) -> datasets.Dataset
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.splits = splits
@@ -96,7 +98,7 @@ class TextSources:
                     "Offline, point train_file / val_file at local files instead"
                 ) from err
         elif self.files.get(split) is not None:
-            ds = load_table(self.files[split])
+            ds = self.reader(self.files[split])
         else:
             return None
         renames = {old: new for old, new in self.rename_columns.items() if old in ds.column_names}
@@ -163,6 +165,7 @@ class TextDataModule(FineTuneDataModule):
         self.sources = TextSources(
             {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file},
             dataset, dataset_config, {"train": train_split, "val": val_split, "test": test_split}, rename_columns,
+            reader=self.read_file,
         )
         self.tokenizer_name = tokenizer
         self.max_length = max_length
@@ -172,6 +175,10 @@ class TextDataModule(FineTuneDataModule):
         self.tokenizer: Any = None
 
     # --- task hooks -----------------------------------------------------------------------------------------
+    def read_file(self, path: Path) -> Any:
+        """Reads a local data file as a ``datasets.Dataset``; override for a task's own formats (CoNLL, SQuAD)."""
+        return load_table(path)
+
     def columns(self, split: str) -> dict[str, str]:
         """Columns ``split`` needs: column name -> the argument that names it (``{"text": "text_column"}``)."""
         raise NotImplementedError
