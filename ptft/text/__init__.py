@@ -3,5 +3,13 @@
 from ptft.text.data import TextClassificationDataModule
 from ptft.text.modules import TextClassifier
 from ptft.text.qa import QuestionAnswerer, QuestionAnsweringDataModule
+from ptft.text.seq2seq import Seq2SeqDataModule, Seq2SeqGenerator
 
-__all__ = ["QuestionAnswerer", "QuestionAnsweringDataModule", "TextClassificationDataModule", "TextClassifier"]
+__all__ = [
+    "QuestionAnswerer",
+    "QuestionAnsweringDataModule",
+    "Seq2SeqDataModule",
+    "Seq2SeqGenerator",
+    "TextClassificationDataModule",
+    "TextClassifier",
+]

@@ -34,7 +34,10 @@ def build_hf_model(
         name = resolve_model_name(model_name)
         config = load_pretrained(AutoConfig.from_pretrained, name, "config", **overrides, **config_values)
     if pretrained:
-        return load_pretrained(auto_class.from_pretrained, name, config=config)
+        # A fine-tuned model with another label set (2-class SST-2 -> 3-class NLI): the head is re-initialised, with
+        # transformers' warning naming it. Only task heads change size: the rest of the config is the checkpoint's.
+        resize = {"ignore_mismatched_sizes": True} if "num_labels" in config_values else {}
+        return load_pretrained(auto_class.from_pretrained, name, config=config, **resize)
     return auto_class.from_config(config)
 
 
