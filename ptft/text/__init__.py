@@ -4,6 +4,7 @@ from ptft.text.data import TextClassificationDataModule
 from ptft.text.modules import TextClassifier
 from ptft.text.qa import QuestionAnswerer, QuestionAnsweringDataModule
 from ptft.text.seq2seq import Seq2SeqDataModule, Seq2SeqGenerator
+from ptft.text.token import TokenClassificationDataModule, TokenClassifier
 
 __all__ = [
     "QuestionAnswerer",
@@ -12,4 +13,6 @@ __all__ = [
     "Seq2SeqGenerator",
     "TextClassificationDataModule",
     "TextClassifier",
+    "TokenClassificationDataModule",
+    "TokenClassifier",
 ]

@@ -7,8 +7,8 @@ from conftest import write_csv  # noqa: F401  (conftest sets the offline environ
 
 RECIPE = "recipes/text/xnli-crosslingual.yaml"
 WORDS = {
-    "en": {"yes": ["a dog runs", "the sun shines"], "filler": "the a one some people man woman child".split()},
-    "de": {"yes": ["ein hund rennt", "die sonne scheint"], "filler": "der die das ein eine leute mann frau kind".split()},
+    "en": {"yes": ["a dog runs", "the sun shines"], "filler": ["the", "a", "one", "some", "people", "man", "woman", "child"]},
+    "de": {"yes": ["ein hund rennt", "die sonne scheint"], "filler": ["der", "die", "das", "ein", "eine", "leute", "mann", "frau", "kind"]},
 }
 
 

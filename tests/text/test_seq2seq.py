@@ -71,15 +71,6 @@ def tiny_seq2seq(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return folders
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a 2-core machine shared with other work make these tiny ops many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pair_files(tmp_path: Path) -> dict[str, str]:
     return {
