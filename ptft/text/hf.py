@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -37,7 +38,9 @@ def build_hf_model(
         # A fine-tuned model with another label set (2-class SST-2 -> 3-class NLI): the head is re-initialised, with
         # transformers' warning naming it. Only task heads change size: the rest of the config is the checkpoint's.
         resize = {"ignore_mismatched_sizes": True} if "num_labels" in config_values else {}
-        return load_pretrained(auto_class.from_pretrained, name, config=config, **resize)
+        # transformers 5 keeps the stored dtype (bf16 for most LLMs): fp32 weights here, the Trainer's precision
+        # decides the compute dtype (bf16-mixed keeps fp32 master weights, as mixed precision should).
+        return load_pretrained(auto_class.from_pretrained, name, config=config, dtype=torch.float32, **resize)
     return auto_class.from_config(config)
 
 
