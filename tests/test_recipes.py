@@ -31,13 +31,16 @@ def text_overrides(init: dict, tmp: Path, tiny_bert: str) -> list[str]:
         out = []
         for r in sentiment_rows(n, seed):
             value = r["label"] == "positive" if names else r["label"]
-            out.append({label: int(value) if names else value, column: r["text"]})
+            row = {label: int(value) % len(names) if names else value, column: r["text"]}
+            if init.get("text_pair_column"):
+                row[init["text_pair_column"]] = r["text"]
+            out.append(row)
         return out
 
     train = write_csv(tmp / "train.csv", rows(48, 1, text))
     val = write_csv(tmp / "val.csv", rows(16, 2, renamed_from.get(text, text)))
     args = [f"--model.init_args.model_name={tiny_bert}", f"--data.init_args.train_file={train}"]
-    args.append(f"--data.init_args.val_file={val}")
+    args += [f"--data.init_args.val_file={val}", "--data.init_args.test_file=null", "--data.init_args.predict_file=null"]
     return args
 
 

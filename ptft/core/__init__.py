@@ -1,6 +1,10 @@
 """The modality-independent core: base module, optimization, layers, freezing, PEFT, labels, tracking."""
 
-from ptft.core.callbacks import BeforeAfterReport, WritePredictions
+from ptft.core.callbacks import (
+    BeforeAfterReport,
+    EMAWarmupWeightAveraging,
+    WritePredictions,
+)
 from ptft.core.data import ClassificationDataModule, FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.freezing import (
@@ -26,6 +30,7 @@ __all__ = [
     "BitFit",
     "ClassificationDataModule",
     "ClassificationModule",
+    "EMAWarmupWeightAveraging",
     "FineTuneDataModule",
     "FineTuneModule",
     "FreezeSchedule",

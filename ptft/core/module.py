@@ -7,6 +7,7 @@ import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -264,7 +265,12 @@ class FineTuneModule(L.LightningModule):
             checkpoint["l2_sp_reference"] = {k: v.cpu() for k, v in self._l2_sp_reference.items()}
         checkpoint["ptft_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
         # Dropout and augmentation draw from these: a resumed run continues the same random stream.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        _, keys, pos, has_gauss, gauss = np.random.get_state()  # timm's Mixup draws from numpy
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],  # tensors: weights_only loading
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "l2_sp_reference" in checkpoint:
@@ -273,6 +279,9 @@ class FineTuneModule(L.LightningModule):
         if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
+            if "numpy" in rng:
+                keys, pos, has_gauss, gauss = rng["numpy"]
+                np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
 
 
 class ClassificationModule(FineTuneModule):
@@ -320,7 +329,8 @@ class ClassificationModule(FineTuneModule):
         logits, labels = outputs
         metrics = self.metrics[f"{stage}_"]
         metrics.update(logits, labels)
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=labels.shape[0])
+        # Logged per epoch: a Metric logged after update() (not forward()) has no per-step value, Lightning drops it.
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=labels.shape[0])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Returns predicted label ids, their names and the class probabilities for each example."""

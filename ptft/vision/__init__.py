@@ -1,6 +1,20 @@
-"""Vision tasks on timm."""
+"""Vision tasks on timm, torchvision, segmentation_models_pytorch and Hugging Face transformers."""
 
 from ptft.vision.data import ImageClassificationDataModule
+from ptft.vision.detection import FasterRCNN, HFObjectDetector, MaskRCNN
+from ptft.vision.detection_data import CocoDetectionDataModule
 from ptft.vision.modules import ImageClassifier
+from ptft.vision.segmentation import HFSemanticSegmenter, SemanticSegmenter
+from ptft.vision.segmentation_data import SegmentationDataModule
 
-__all__ = ["ImageClassificationDataModule", "ImageClassifier"]
+__all__ = [
+    "CocoDetectionDataModule",
+    "FasterRCNN",
+    "HFObjectDetector",
+    "HFSemanticSegmenter",
+    "ImageClassificationDataModule",
+    "ImageClassifier",
+    "MaskRCNN",
+    "SegmentationDataModule",
+    "SemanticSegmenter",
+]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ptft.core.data import ClassificationDataModule
@@ -115,9 +115,59 @@ class ImageDataset(Dataset):
         for i in range(len(self)):
             try:
                 self.open(i).verify()
-            except Exception:
+            except Exception:  # noqa: BLE001 - PIL raises many types for a broken file
                 bad.append(i)
         return bad
+
+
+TRIVIAL_AUGMENT = "trivialaugment"
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2, 3a, trivialaugment"
+# Arguments of ImageClassificationDataModule that go to timm's create_transform under the same name.
+AUGMENT_ARGS = ("auto_augment", "hflip", "color_jitter", "scale", "ratio", "re_prob", "re_mode", "re_count")
+
+
+def augment_options(extra: dict[str, Any] | None, **named: Any) -> dict[str, Any]:
+    """The training-transform arguments: the named ones (which ``extra`` may not repeat) and the others."""
+    extra = dict(extra or {})
+    for key in extra:
+        if key in AUGMENT_ARGS:
+            raise PtftError(f"augment.{key}: use data.init_args.{key} instead (it has its own argument)")
+    for key in ("scale", "ratio"):
+        if named[key] is not None:
+            named[key] = tuple(named[key])
+    jitter = named["color_jitter"]
+    if isinstance(jitter, list | tuple) and len(jitter) not in (3, 4):
+        raise PtftError(f"color_jitter: give one value or 3-4 (brightness, contrast, saturation[, hue]), got {list(jitter)}")
+    named["color_jitter"] = tuple(jitter) if isinstance(jitter, list) else (jitter or None)  # 0: no ColorJitter step
+    return {**named, **extra}
+
+
+def _insert_trivial_augment(transform: Any, mean: Any) -> None:
+    """Puts torchvision's TrivialAugmentWide where timm puts its policies: after crop and flips, before ToTensor."""
+    from torchvision.transforms import TrivialAugmentWide
+
+    steps = transform.transforms
+    to_tensor = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+    fill = [round(255 * m) for m in (mean or (0.485, 0.456, 0.406))]  # timm fills with the mean colour too
+    steps.insert(to_tensor, TrivialAugmentWide(fill=fill))
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    if bits_to_keep <= 0:  # keep no bits: a black image, which Pillow < 12 returned and timm's level tables expect
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, min(bits_to_keep, 8))
+
+
+def _allow_zero_bit_posterize(transform: Any) -> None:
+    """timm's Posterize ops ask for 0 bits at high magnitudes (RandAugment ``inc1`` at m10, AutoAugment ``v0``)
+    and Pillow >= 12 raises ValueError for that, ending training mid-epoch: route those ops through ``_posterize``."""
+    from timm.data.auto_augment import AugmentOp
+
+    for step in getattr(transform, "transforms", []):
+        ops = getattr(step, "ops", None) or [op for sub in getattr(step, "policy", []) for op in sub]
+        for op in ops:
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -146,8 +196,20 @@ class ImageClassificationDataModule(ClassificationDataModule):
         label_column: CSV column with labels.
         image_size: Input size (square) overriding the model's default, e.g. 32 for CIFAR-sized images.
         crop_pct: Evaluation center-crop fraction overriding the model's (1.0 = resize only).
-        augment: Extra training-transform arguments of ``timm.data.create_transform``: ``auto_augment``
-            (``rand-m9-mstd0.5``, ``trivialaugment``…), ``re_prob``, ``hflip``, ``color_jitter``, ``scale``…
+        auto_augment: Training augmentation policy, as timm spells it: RandAugment ``rand-m9-mstd0.5-inc1``
+            (magnitude 9, magnitude noise 0.5, severity-increasing ops), AutoAugment ``original`` / ``v0``
+            (``-mstd0.5`` adds noise), AugMix ``augmix-m5-w4-d2``, DeiT-III's ``3a``; or ``trivialaugment``
+            (torchvision's ``TrivialAugmentWide``: timm has none). Turns colour jitter off, as timm does.
+        hflip: Probability of a horizontal flip in training.
+        color_jitter: Colour-jitter strength (brightness, contrast, saturation), or 3-4 values (with hue); 0 turns it
+            off. Ignored when ``auto_augment`` is set.
+        scale: Random-resized-crop area range as fractions of the image; ``None`` is timm's ``[0.08, 1.0]``.
+        ratio: Random-resized-crop aspect-ratio range; ``None`` is timm's ``[0.75, 1.333]``.
+        re_prob: Random-erasing probability (after normalisation), e.g. 0.25.
+        re_mode: Random-erasing fill: ``const`` (zeros), ``rand`` (per-channel noise) or ``pixel`` (per-pixel noise).
+        re_count: Number of erased boxes per image.
+        augment: Other training-transform arguments of ``timm.data.create_transform`` (``vflip``,
+            ``train_crop_mode``, ``grayscale_prob``, ``interpolation``…).
         on_bad_image: What to do with images that cannot be read: ``error`` or ``skip``.
         batch_size: Training batch size.
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
@@ -167,6 +229,14 @@ class ImageClassificationDataModule(ClassificationDataModule):
         label_column: str = "label",
         image_size: int | None = None,
         crop_pct: float | None = None,
+        auto_augment: str | None = None,
+        hflip: float = 0.5,
+        color_jitter: float | list[float] = 0.4,
+        scale: tuple[float, float] | None = None,
+        ratio: tuple[float, float] | None = None,
+        re_prob: float = 0.0,
+        re_mode: Literal["const", "rand", "pixel"] = "const",
+        re_count: int = 1,
         augment: dict[str, Any] | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         batch_size: int = 64,
@@ -179,18 +249,22 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) images")
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self.augment = augment_options(
+            augment, auto_augment=auto_augment, hflip=hflip, color_jitter=color_jitter, scale=scale, ratio=ratio,
+            re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+        )
+        self.model_data_config: dict[str, Any] | None = None
+        self.transform(training=True)  # a bad augmentation setting fails here, before any image is listed
         self.columns = (path_column, label_column)
         self.samples = {
             split: list_samples(loc, split, *self.columns) if loc is not None else None
             for split, loc in (("train", train), ("val", val), ("test", test))
         }
         self.predict_location = predict
-        self.image_size = image_size
-        self.crop_pct = crop_pct
-        self.augment = augment or {}
         self.on_bad_image = on_bad_image
         self.val_fraction = val_fraction
-        self.model_data_config: dict[str, Any] | None = None
         self.datasets: dict[str, ImageDataset] = {}
 
     def discover_labels(self) -> list[str]:
@@ -219,11 +293,25 @@ class ImageClassificationDataModule(ClassificationDataModule):
         if self.crop_pct is not None:
             cfg["crop_pct"] = self.crop_pct
         cfg.setdefault("input_size", (3, 224, 224))
-        if training:
-            cfg.pop("crop_pct", None)
-            cfg.pop("crop_mode", None)
-            return create_transform(**cfg, is_training=True, **self.augment)
-        return create_transform(**cfg, is_training=False)
+        if not training:
+            return create_transform(**cfg, is_training=False)
+        cfg.pop("crop_pct", None)
+        cfg.pop("crop_mode", None)
+        options = dict(self.augment)
+        trivial = options.get("auto_augment") == TRIVIAL_AUGMENT
+        if trivial:
+            options.update(auto_augment=None, color_jitter=None)  # as timm does for its own policies
+        try:
+            transform = create_transform(**cfg, is_training=True, **options)
+        except (AssertionError, ValueError, TypeError) as err:
+            given = {k: v for k, v in self.augment.items() if k not in AUGMENT_ARGS or (k == "auto_augment" and v)}
+            where = f" ({', '.join(f'{k}={v!r}' for k, v in given.items())})" if given else ""
+            hint = f"; auto_augment examples: {AUTO_AUGMENT_EXAMPLES}" if self.augment.get("auto_augment") else ""
+            raise PtftError(f"bad training augmentation{where}: {str(err) or 'rejected by timm'}{hint}") from err
+        if trivial:
+            _insert_trivial_augment(transform, cfg.get("mean"))
+        _allow_zero_bit_posterize(transform)
+        return transform
 
     def _dataset(self, split: str, samples: tuple[list[tuple[ImageSource, str]], list[str]], training: bool) -> ImageDataset:
         images = [s for s, _ in samples[0]]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from torch import nn
 from ptft.core.errors import PtftError
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import ClassificationModule
+from ptft.vision.mixing import BatchMixer, MixupConfig
 
 
 def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> torch.nn.Module:
@@ -45,7 +46,15 @@ class ImageClassifier(ClassificationModule):
             or ``hf-hub:timm/<name>``.
         pretrained: Load pretrained weights from the hub (or from ``pretrained_file``).
         pretrained_file: Local weights file (``.safetensors`` or ``.pth``) to load instead of the hub.
-        model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{drop_rate: 0.1, drop_path_rate: 0.1}``.
+        model_kwargs: Extra ``timm.create_model`` arguments, e.g. ``{drop_rate: 0.1, drop_path_rate: 0.1}``
+            (``drop_path_rate``: stochastic depth, the rate of the deepest block, for models with residual blocks).
+        mixup: Mixup / CutMix of training batches with timm's ``Mixup`` and ``SoftTargetCrossEntropy``; targets are
+            smoothed by ``label_smoothing``. Training accuracy then counts each mixed image's dominant label (the
+            argmax of its soft target). ``None``: no mixing.
+        channels_last: Keep the model and the input batches in ``torch.channels_last`` memory format (faster
+            convolutions on GPUs with mixed precision).
+        tta: Test-time augmentation at validation, test and predict: ``hflip`` averages the logits of each image and
+            its horizontal mirror; ``none`` runs the image once.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
             ``label_names``, ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``, ``l2_sp``, ``peft``,
             ``checkpoint_weights``, ``compile``).
@@ -57,22 +66,53 @@ class ImageClassifier(ClassificationModule):
         pretrained: bool = True,
         pretrained_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        mixup: MixupConfig | None = None,
+        channels_last: bool = False,
+        tta: Literal["none", "hflip"] = "none",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if tta not in ("none", "hflip"):
+            raise PtftError(f"tta must be 'none' or 'hflip', got {tta!r}")
         self.model_name = model_name
+        self.mixup_config = MixupConfig.coerce(mixup)
+        self.channels_last = channels_last
+        self.tta = tta
         model = create_timm_model(model_name, pretrained, pretrained_file, num_classes=self.num_labels, **(model_kwargs or {}))
         self._data_config = _timm_data_config(model)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.set_model(model)
+        self.mixer = None
+        if self.mixup_config is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.mixer = BatchMixer(self.mixup_config, self.num_labels, self.label_smoothing)
+            self.soft_target_loss = SoftTargetCrossEntropy()
         # A full checkpoint rebuilds the architecture by name; its weights come from the state dict.
         self._save_hparams(pretrained=False, pretrained_file=None)
+        self.hparams["mixup"] = None if self.mixup_config is None else self.mixup_config.as_dict()
 
     def data_config(self) -> dict[str, Any]:
         """The model's preprocessing (input size, interpolation, mean, std, crop) as timm resolves it."""
         return dict(self._data_config)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(batch["pixel_values"])
+        images = batch["pixel_values"]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = self.model(images)
+        if self.tta == "hflip" and not self.training:
+            logits = (logits + self.model(images.flip(-1))) / 2
+        return logits
+
+    def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
+        if stage != "train" or self.mixer is None:
+            return super().step(batch, stage)
+        images, targets = self.mixer(batch["pixel_values"], batch["labels"])
+        logits = self({"pixel_values": images})
+        # Accuracy of a mixed batch: against each image's dominant label, not the original one.
+        return self.soft_target_loss(logits, targets), (logits.detach(), targets.argmax(dim=-1))
 
     def head_modules(self, model: nn.Module) -> list[str]:
         classifier = model.pretrained_cfg.get("classifier") or ()

@@ -1,0 +1,79 @@
+"""What every Hugging Face task module shares (text, vision, audio): building the model by name or config, its layers,
+its export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from ptft.core.hub import load_pretrained, resolve_model_name
+from ptft.core.layers import hf_layer_ids
+
+
+def build_hf_model(
+    auto_class: Any, model_name: str, pretrained: bool, model_config: dict[str, Any] | None, **config_values: Any
+) -> nn.Module:
+    """An ``AutoModelFor…`` model, pretrained or randomly initialised from its config.
+
+    Args:
+        auto_class: e.g. ``transformers.AutoModelForTokenClassification``.
+        model_name: Hub name, local folder, or a ptft checkpoint (``.ckpt``) whose model is exported first.
+        pretrained: Load the pretrained weights; ``False`` builds the architecture with random weights.
+        model_config: Config overrides; a dict holding ``model_type`` is a complete config, used without reading
+            ``model_name``'s (full checkpoints store the architecture this way, so they reload without the hub).
+        **config_values: Task values set on the config (``num_labels``, ``id2label``…).
+    """
+    from transformers import AutoConfig
+
+    overrides = dict(model_config or {})
+    if "model_type" in overrides:
+        config = AutoConfig.for_model(**{**overrides, **config_values})
+        pretrained = False
+    else:
+        name = resolve_model_name(model_name)
+        config = load_pretrained(AutoConfig.from_pretrained, name, "config", **overrides, **config_values)
+    if pretrained:
+        # A fine-tuned model with another label set (2-class SST-2 -> 3-class NLI): the head is re-initialised, with
+        # transformers' warning naming it. Only task heads change size: the rest of the config is the checkpoint's.
+        resize = {"ignore_mismatched_sizes": True} if "num_labels" in config_values else {}
+        # transformers 5 keeps the stored dtype (bf16 for most LLMs): fp32 weights here, the Trainer's precision
+        # decides the compute dtype (bf16-mixed keeps fp32 master weights, as mixed precision should).
+        return load_pretrained(auto_class.from_pretrained, name, config=config, dtype=torch.float32, **resize)
+    return auto_class.from_config(config)
+
+
+class HFModule:
+    """Mixin for task modules whose ``self.model`` is a Hugging Face model built from ``self.model_name``.
+
+    Provides the head (parameters outside the base model, e.g. ``classifier``), the layer index per parameter
+    (embeddings 0, one per block, head on top) and the export (``save_pretrained`` plus the tokenizer or image
+    processor).
+    """
+
+    model_name: str
+    #: Submodules that were pretrained even though they sit outside the base model (tied LM heads).
+    pretrained_heads: tuple[str, ...] = ()
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        prefix = getattr(model, "base_model_prefix", "")
+        outside = {n.split(".")[0] for n, _ in model.named_parameters() if n.split(".")[0] != prefix}
+        if prefix and not hasattr(model, prefix):  # the model is its own base (a bare AutoModel)
+            return []
+        return sorted(outside - set(self.pretrained_heads))
+
+    def discover_layers(self, model: nn.Module) -> dict[str, int]:
+        heads = tuple(h + "." for h in self.head_modules(model))
+        return hf_layer_ids(model, lambda name: name.startswith(heads))
+
+    def save_model(self, model: nn.Module, folder: str) -> None:
+        """``save_pretrained`` (safetensors) plus the tokenizer / processor, so the folder is a ``model_name`` again."""
+        from transformers import AutoProcessor
+
+        model.save_pretrained(folder)
+        try:  # the tokenizer for text models, the image processor (or a multimodal processor) otherwise
+            AutoProcessor.from_pretrained(resolve_model_name(self.model_name)).save_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            rank_zero_warn(f"no tokenizer or processor found for {self.model_name!r}: {folder} holds the model only")
