@@ -3,6 +3,7 @@
 from ptft.vision.data import ImageClassificationDataModule
 from ptft.vision.detection import FasterRCNN, HFObjectDetector, MaskRCNN
 from ptft.vision.detection_data import CocoDetectionDataModule
+from ptft.vision.embedding import ImageEmbedder, ImageEmbeddingDataModule
 from ptft.vision.modules import ImageClassifier
 from ptft.vision.segmentation import HFSemanticSegmenter, SemanticSegmenter
 from ptft.vision.segmentation_data import SegmentationDataModule
@@ -14,6 +15,8 @@ __all__ = [
     "HFSemanticSegmenter",
     "ImageClassificationDataModule",
     "ImageClassifier",
+    "ImageEmbedder",
+    "ImageEmbeddingDataModule",
     "MaskRCNN",
     "SegmentationDataModule",
     "SemanticSegmenter",
