@@ -7,13 +7,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.module import ClassificationModule
 from ptft.text.data import aggregate_windows
 from ptft.text.heads import EncoderWithHead, SequenceHead, SequenceHeadKind
-from ptft.text.hf import HFTextModule, build_hf_model
 
 
-class TextClassifier(HFTextModule, ClassificationModule):
+class TextClassifier(HFModule, ClassificationModule):
     """Sequence (or sentence-pair) classification with any ``AutoModelForSequenceClassification`` model.
 
     Args:

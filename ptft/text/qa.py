@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torchmetrics import MetricCollection
 
+from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.module import FineTuneModule
-from ptft.text.hf import HFTextModule, build_hf_model
 from ptft.text.qa_data import EXAMPLE_KEYS, QuestionAnsweringDataModule
 
 __all__ = ["QuestionAnswerer", "QuestionAnsweringDataModule", "best_answers"]
@@ -71,7 +71,7 @@ def best_answers(
     return answers
 
 
-class QuestionAnswerer(HFTextModule, FineTuneModule):
+class QuestionAnswerer(HFModule, FineTuneModule):
     """Extractive question answering (SQuAD v1.1 / v2.0) with any ``AutoModelForQuestionAnswering`` model.
 
     Trains on context windows (start and end token of the answer, CLS when the window lacks it); evaluation and

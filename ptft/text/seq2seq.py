@@ -13,9 +13,9 @@ import torch
 from torchmetrics import MetricCollection
 
 from ptft.core.errors import PtftError
+from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.module import FineTuneModule
 from ptft.text.base import TextDataModule, column, sort_by_length
-from ptft.text.hf import HFTextModule, build_hf_model
 
 __all__ = ["Seq2SeqDataModule", "Seq2SeqGenerator"]
 
@@ -40,7 +40,7 @@ def check_seq2seq(model_name: str, model_config: dict[str, Any] | None) -> None:
     if model_type not in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         encoder = model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES  # BERT-likes are causal-capable too
         if not encoder and model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            instead = "a decoder-only model belongs to ptft.text.lm.LanguageModel or ptft.text.sft.ChatFineTuner"
+            instead = "a decoder-only model belongs to ptft.text.LanguageModel or ptft.text.ChatFineTuner"
         else:
             instead = "an encoder belongs to ptft.text.TextClassifier (or another encoder task module)"
         raise PtftError(
@@ -49,7 +49,7 @@ def check_seq2seq(model_name: str, model_config: dict[str, Any] | None) -> None:
         )
 
 
-class Seq2SeqGenerator(HFTextModule, FineTuneModule):
+class Seq2SeqGenerator(HFModule, FineTuneModule):
     """Text-to-text generation (translation, summarisation) with any ``AutoModelForSeq2SeqLM`` model.
 
     Training minimises the model's own cross-entropy on the target tokens. Validation and test also generate (beam

@@ -15,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, MetricCollection
 
 from ptft.core.errors import PtftError
+from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.module import FineTuneModule
 from ptft.text.base import TextDataModule, column, sort_by_length
-from ptft.text.hf import HFTextModule, build_hf_model
 
 ROLES = ("system", "user", "assistant")
 
@@ -369,7 +369,7 @@ class Perplexity(MeanMetric):
         return super().compute().exp()
 
 
-class ChatFineTuner(HFTextModule, FineTuneModule):
+class ChatFineTuner(HFModule, FineTuneModule):
     """Supervised fine-tuning of any ``AutoModelForCausalLM`` on conversations, loss on assistant tokens only.
 
     Validation reports ``val/loss`` and ``val/ppl`` (per-token perplexity of the replies) and generates a greedy

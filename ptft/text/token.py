@@ -15,11 +15,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ptft.core.data import LabelsMixin
 from ptft.core.errors import PtftError
+from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.module import ClassificationModule
 from ptft.text.base import TextDataModule, column, sort_by_length
 from ptft.text.heads import EncoderWithHead, TokenHead, TokenHeadKind
-from ptft.text.hf import HFTextModule, build_hf_model
 from ptft.text.token_data import (
     CONLL_SUFFIXES,
     IGNORE,
@@ -36,7 +36,7 @@ __all__ = ["TokenClassificationDataModule", "TokenClassifier"]
 NOT_MODEL_INPUTS = ("labels", "word_ids", "words")
 
 
-class TokenClassifier(HFTextModule, ClassificationModule):
+class TokenClassifier(HFModule, ClassificationModule):
     """Token classification (NER, POS) with any ``AutoModelForTokenClassification`` model.
 
     The loss is cross-entropy over the labelled sub-tokens (``-100`` elsewhere). Validation logs entity-level

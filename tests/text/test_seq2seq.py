@@ -214,7 +214,7 @@ def test_one_line_errors(tiny_seq2seq, tiny_bert, tmp_path):
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)
-    with pytest.raises(PtftError, match=r"is a 'gpt2' model.*decoder-only model belongs to ptft.text.lm.LanguageModel"):
+    with pytest.raises(PtftError, match=r"is a 'gpt2' model.*decoder-only model belongs to ptft.text.LanguageModel"):
         Seq2SeqGenerator(str(gpt2))
     with pytest.raises(PtftError, match="unknown metrics"):
         Seq2SeqGenerator(tiny_seq2seq["t5"], metrics=["bleu"])
