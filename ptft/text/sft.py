@@ -175,7 +175,7 @@ class ChatDataModule(TextDataModule):
             tokenizer folder to keep it).
         packing: Concatenate training examples into blocks of up to ``max_length`` tokens (best-fit, no example
             split), with ``position_ids`` restarting at each example and no attention mask. Whether an example then
-            sees the ones before it in its block depends on the model's attention: see docs/text/sft.md.
+            sees the ones before it in its block depends on the model's attention: see docs/text.md (chat SFT, Packing).
         group_by_length: Batch conversations of similar length together (less padding); ignored with packing.
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
