@@ -45,6 +45,15 @@ def build_hf_model(
     return auto_class.from_config(config)
 
 
+def label_config(label_names: list[str]) -> dict[str, Any]:
+    """The config values of a Hugging Face task head: ``num_labels``, ``id2label``, ``label2id``."""
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+
+
 class HFModule:
     """Mixin for task modules whose ``self.model`` is a Hugging Face model built from ``self.model_name``.
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ptft.core.hf import HFModule, build_hf_model
+from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.module import ClassificationModule
 from ptft.text.data import aggregate_windows
 from ptft.text.heads import EncoderWithHead, SequenceHead, SequenceHeadKind
@@ -54,11 +54,7 @@ class TextClassifier(HFModule, ClassificationModule):
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         self.model_name = model_name
-        labels = {
-            "num_labels": self.num_labels,
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": {name: i for i, name in enumerate(self.label_names)},
-        }
+        labels = label_config(self.label_names)
         if head == "model":
             model = build_hf_model(AutoModelForSequenceClassification, model_name, pretrained, model_config, **labels)
         else:

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ptft.core.data import LabelsMixin
 from ptft.core.errors import PtftError
-from ptft.core.hf import HFModule, build_hf_model
+from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.module import ClassificationModule
 from ptft.text.base import TextDataModule, column, sort_by_length
@@ -81,11 +81,7 @@ class TokenClassifier(HFModule, ClassificationModule):
         from transformers import AutoModel, AutoModelForTokenClassification
 
         self.model_name = model_name
-        labels = {
-            "num_labels": self.num_labels,
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": {name: i for i, name in enumerate(self.label_names)},
-        }
+        labels = label_config(self.label_names)
         if head == "model":
             model = build_hf_model(AutoModelForTokenClassification, model_name, pretrained, model_config, **labels)
         else:

@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from ptft.core.errors import PtftError
-from ptft.core.hf import HFModule, build_hf_model
+from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import FineTuneModule
 from ptft.vision.modules import create_timm_model
@@ -437,11 +437,7 @@ class HFObjectDetector(HFModule, DetectionModule):
         from transformers import AutoModelForObjectDetection
 
         self.model_name = model_name
-        labels = {
-            "num_labels": self.num_labels,
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": {name: i for i, name in enumerate(self.label_names)},
-        }
+        labels = label_config(self.label_names)
         # A pretrained COCO head with another number of classes is re-initialised (build_hf_model: mismatched sizes).
         model = build_hf_model(AutoModelForObjectDetection, model_name, pretrained, model_config, **labels)
         self.processor = self._load_processor(model_name, image_processor or {})

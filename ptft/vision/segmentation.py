@@ -13,7 +13,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from ptft.core.errors import PtftError
-from ptft.core.hf import HFModule, build_hf_model
+from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.module import ClassificationModule
 from ptft.vision.segmentation_data import IGNORE, IMAGENET_MEAN, IMAGENET_STD
 
@@ -267,11 +267,7 @@ class HFSemanticSegmenter(HFModule, SegmentationModule):
         from transformers import AutoModelForSemanticSegmentation
 
         self.model_name = model_name
-        labels = {
-            "num_labels": self.num_labels,
-            "id2label": dict(enumerate(self.label_names)),
-            "label2id": {name: i for i, name in enumerate(self.label_names)},
-        }
+        labels = label_config(self.label_names)
         model = build_hf_model(AutoModelForSemanticSegmentation, model_name, pretrained, model_config, **labels)
         self._image_stats = _image_stats(model_name) if pretrained else None
         architecture = model.config.to_dict()
