@@ -54,9 +54,12 @@ def run_contents(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     history: list[dict[str, Any]] = []
     for record in read_records(run_file):
         kind = record.WhichOneof("record_type")
-        if kind == "config":
-            for item in record.config.update:
-                config[item.key] = json.loads(item.value_json)
-        elif kind == "history":
+        # the config arrives as config updates, or (when the run starts after it was set) inside the run record
+        updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
+        for item in updates:
+            config[item.key] = json.loads(item.value_json)
+        if kind in ("config", "run"):
+            continue
+        if kind == "history":
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return config, history

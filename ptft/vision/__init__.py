@@ -5,6 +5,7 @@ from ptft.vision.detection import FasterRCNN, HFObjectDetector, MaskRCNN
 from ptft.vision.detection_data import CocoDetectionDataModule
 from ptft.vision.embedding import ImageEmbedder, ImageEmbeddingDataModule
 from ptft.vision.modules import ImageClassifier
+from ptft.vision.pretrain import SimCLR, UnlabeledImageDataModule
 from ptft.vision.segmentation import HFSemanticSegmenter, SemanticSegmenter
 from ptft.vision.segmentation_data import SegmentationDataModule
 
@@ -20,4 +21,6 @@ __all__ = [
     "MaskRCNN",
     "SegmentationDataModule",
     "SemanticSegmenter",
+    "SimCLR",
+    "UnlabeledImageDataModule",
 ]

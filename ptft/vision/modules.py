@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
+from ptft.core.hub import resolve_model_name
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import ClassificationModule
 from ptft.vision.mixing import BatchMixer, MixupConfig
@@ -18,15 +19,23 @@ def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, 
     """``timm.create_model`` with pretrained weights from the hub or a local file, and one-line errors."""
     import timm
 
+    path = None
     if pretrained_file is not None:
-        if not Path(pretrained_file).expanduser().is_file():
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
             raise PtftError(f"pretrained_file {pretrained_file!r} does not exist")
+        if path.suffix == ".ckpt":  # a ptft checkpoint (pre-training, an earlier fine-tune): its exported weights
+            path = Path(resolve_model_name(str(path))) / "model.safetensors"
         # timm's documented way to load a local weights file (.safetensors / .pth) with the model's own adaptation
-        # (classifier reset, input-channel and position-embedding resizing).
-        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained_file).expanduser())}
+        # (input-channel and position-embedding resizing). num_classes -1 never equals the model's, so timm always
+        # drops a stored classifier: the new task gets a new head, also with 1,000 classes or from a backbone-only file.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path), "num_classes": -1}
         pretrained = True
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        if path is not None:
+            _check_backbone_loaded(model, name, path)
+        return model
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise PtftError(f"unknown timm model {name!r}; list them with: python -c \"import timm; print(timm.list_models('*{name.split('.')[0][:6]}*'))\"") from err
@@ -36,6 +45,22 @@ def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, 
             f"cannot load pretrained weights for timm model {name!r} (hub unreachable?): {str(err).splitlines()[0]}. "
             "Offline, give a local weights file: --model.init_args.pretrained_file=/path/to/model.safetensors"
         ) from err
+
+
+def _check_backbone_loaded(model: torch.nn.Module, name: str, path: Path) -> None:
+    """timm loads non-strictly once it drops the classifier: weights whose names match nothing would stay random."""
+    from timm.models import load_state_dict
+
+    stored = set(load_state_dict(str(path)))
+    head = model.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+    missing = sorted(k for k, _ in model.named_parameters() if not k.startswith(heads) and k not in stored)
+    if missing:
+        raise PtftError(
+            f"pretrained_file {path} lacks {len(missing)} weights of timm model {name!r} (first: {missing[0]}); give "
+            "the weights of the same architecture (ptft export CKPT DIR writes DIR/model.safetensors, or the .ckpt)"
+        )
+    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
 
 
 class ImageClassifier(ClassificationModule):
