@@ -100,10 +100,11 @@ def run_mlm(corpus: Path, held_out: Path, steps: int, block_size: int, batch_siz
     }
 
 
-def run_cls(model_name: str, train_tsv: Path, dev_tsv: Path, seed: int) -> dict:
+def run_cls(model_name: str, train_tsv: Path, dev_tsv: Path, seed: int, head: str) -> dict:
     """One epoch of SST-2 classification from ``model_name``, dev accuracy at the end."""
     cli = setup_cli([
         "--config", str(REPO / "recipes/text/sst2.yaml"), f"--model.init_args.model_name={model_name}",
+        f"--model.init_args.head={head}",
         f"--data.init_args.train_file={train_tsv}", f"--data.init_args.val_file={dev_tsv}",
         "--trainer.max_epochs=1", "--model.init_args.optimizer.lr=1e-4", "--data.init_args.batch_size=16",
         f"--data.init_args.seed={seed}", f"--seed_everything={seed}", *QUIET,
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=872, help="dev sentences for the MLM perplexity")
     parser.add_argument("--cls-size", type=int, default=2000, help="labelled sentences for the classifier")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--head", default="mean", help="classifier head of both arms (mean: no pooler, the same start)")
+    parser.add_argument("--reuse-mlm", action="store_true", help="reuse the MLM checkpoint and results of a previous run")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per process (0: torch's default); 1 is faster on a CPU shared with other jobs")
     parser.add_argument("--one", choices=["mlm", "cls"], help=argparse.SUPPRESS)
@@ -150,14 +153,21 @@ def main() -> None:
         return
     if args.one == "cls":
         train_tsv = sst2_subset(args.data, args.cls_size)
-        print("RESULT " + json.dumps(run_cls(args.init, train_tsv, args.data / "dev.tsv", args.seed)))
+        print("RESULT " + json.dumps(run_cls(args.init, train_tsv, args.data / "dev.tsv", args.seed, args.head)))
         return
 
     common = ["--data", str(args.data), "--mlm-sentences", str(args.mlm_sentences), "--mlm-steps",
               str(args.mlm_steps), "--block-size", str(args.block_size), "--mlm-batch-size", str(args.mlm_batch_size),
-              "--held-out", str(args.held_out), "--cls-size", str(args.cls_size), "--threads", str(args.threads)]
-    print(f"MLM: {args.mlm_steps} steps on {args.mlm_sentences:,} SST-2 sentences ...", flush=True)
-    mlm = run_in_subprocess(__file__, [*common, "--one", "mlm"])
+              "--held-out", str(args.held_out), "--cls-size", str(args.cls_size), "--threads", str(args.threads),
+              "--head", args.head]
+    saved = ckpt.with_suffix(".json")
+    if args.reuse_mlm and saved.exists() and ckpt.exists():
+        mlm = json.loads(saved.read_text())
+        print(f"MLM: reusing {ckpt}", flush=True)
+    else:
+        print(f"MLM: {args.mlm_steps} steps on {args.mlm_sentences:,} SST-2 sentences ...", flush=True)
+        mlm = run_in_subprocess(__file__, [*common, "--one", "mlm"])
+        saved.write_text(json.dumps(mlm))
     print(f"    perplexity {mlm['ppl_before']:.1f} -> {mlm['ppl_after']:.2f}, {mlm['train_s']:.0f} s", flush=True)
     arms = {"original MiniLM": model_dir(), "MiniLM after MLM": str(ckpt)}
     results: dict[str, list[dict]] = {name: [] for name in arms}
@@ -181,7 +191,8 @@ def main() -> None:
         f"blocks). MLM perplexity on {args.held_out} SST-2 dev sentences ({mlm['val_blocks']} blocks, the same "
         "seeded masks before and after). (2) SST-2 classification (recipes/text/sst2.yaml) from the MLM checkpoint "
         "(`model_name: mlm.ckpt`) and (3) from the original MiniLM: the same "
-        f"{args.cls_size:,}-sentence labelled subset, 1 epoch, lr 1e-4, batch 16, 6% linear warmup; dev accuracy "
+        f"{args.cls_size:,}-sentence labelled subset, `head: {args.head}`, 1 epoch, lr 1e-4, batch 16, 6% linear "
+        "warmup; dev accuracy "
         f"on SST-2 dev (872), seeds {', '.join(map(str, args.seeds))} (seed = initialisation of the classifier "
         f"head, dropout and batch order). {os.cpu_count()} CPU cores shared with other jobs"
         f"{f' ({args.threads} torch thread per process)' if args.threads else ''}, fp32: times are noisy, "
@@ -209,8 +220,10 @@ def main() -> None:
         f"Mean dev accuracy after MLM minus without: {after - base:+.4f}. The perplexity before MLM is that of a "
         "randomly initialised MLM head: sentence-transformers' MiniLM ships the encoder only (no `cls.predictions` "
         "transform), so transformers initialises it; the decoder is tied to the pretrained word embeddings. "
-        "Likewise BERT's masked-LM model has no pooler, so the classifier built from the MLM checkpoint starts "
-        "with a new pooler, while the original MiniLM's classifier reuses MiniLM's."
+        + ("BERT's masked-LM model has no pooler: with `head: mean` neither arm uses one, so both classifiers start "
+           "from the same kind of head on their encoders." if args.head == "mean" else
+           "BERT's masked-LM model has no pooler, so with this head the classifier built from the MLM checkpoint "
+           "starts with a new pooler while the original MiniLM's reuses MiniLM's: not the same start.")
     )
     lines += ["", notes]
     table = "\n".join(lines)
