@@ -69,6 +69,8 @@ class WritePredictions(L.Callback):
         self.rows.extend(pl_module.prediction_rows(outputs))
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            self.rows = gather_in_input_order(self.rows, trainer.world_size, _dataset_size(trainer))
         if not trainer.is_global_zero or not self.rows:
             return
         import csv
@@ -107,3 +109,31 @@ class EMAWarmupWeightAveraging(EMAWeightAveraging):
     def __init__(self, decay: float = 0.9998, warmup_power: float = 2 / 3, **kwargs: Any) -> None:
         super().__init__(decay=decay, **kwargs)
         self._kwargs["avg_fn"] = partial(warmup_ema, decay=decay, power=warmup_power)
+
+
+def _dataset_size(trainer: L.Trainer) -> int | None:
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, list) else loaders
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def gather_in_input_order(rows: list[dict[str, Any]], world_size: int, size: int | None) -> list[dict[str, Any]]:
+    """Every rank's prediction rows, back in input order.
+
+    Under DDP, Lightning's ``DistributedSampler`` (no shuffling for prediction) gives rank ``r`` the examples
+    ``r, r + world_size, r + 2 * world_size…``, so interleaving the ranks' rows restores the order. The sampler pads the
+    last round with repeats of the first examples to make the ranks equal; with one row per dataset item (``size``)
+    those are dropped.
+    """
+    import itertools
+
+    import torch.distributed as dist
+
+    gathered: list[list[dict[str, Any]] | None] = [None] * world_size
+    dist.all_gather_object(gathered, rows)
+    interleaved = [row for group in itertools.zip_longest(*gathered) for row in group if row is not None]
+    padded = size is not None and size < len(interleaved) <= size + world_size - 1
+    return interleaved[:size] if padded else interleaved

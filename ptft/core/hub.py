@@ -57,7 +57,13 @@ def resolve_model_name(name: str) -> str:
     if not (folder / "config.json").exists():
         from ptft.core.module import load_checkpoint
 
-        tmp = folder.with_name(folder.name + ".tmp")
+        # Each process (every DDP rank builds the model) exports to its own folder; the first rename wins.
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         load_checkpoint(str(path)).export(str(tmp))
-        tmp.replace(folder)  # never a half-written folder under the final name
+        try:
+            tmp.replace(folder)  # never a half-written folder under the final name
+        except OSError:  # another process got there first: its export is the same
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
