@@ -42,7 +42,7 @@ def build_hf_model(
         # transformers 5 keeps the stored dtype (bf16 for most LLMs): fp32 weights here, the Trainer's precision
         # decides the compute dtype (bf16-mixed keeps fp32 master weights, as mixed precision should).
         return load_pretrained(auto_class.from_pretrained, name, config=config, dtype=torch.float32, **resize)
-    return auto_class.from_config(config)
+    return auto_class.from_config(config, dtype=torch.float32)  # LLM configs often store bfloat16
 
 
 def label_config(label_names: list[str]) -> dict[str, Any]:

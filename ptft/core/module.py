@@ -310,6 +310,15 @@ class ClassificationModule(FineTuneModule):
         super()._save_hparams(frame=inspect.currentframe().f_back, **overrides)
         self.hparams["label_names"] = self.label_names
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("label_names")
+        if saved is not None and list(saved) != self.label_names:  # e.g. ptft test --ckpt_path with other data
+            raise PtftError(
+                f"the checkpoint was trained with labels {list(saved)}, the data gives {self.label_names}: "
+                "set data.init_args.labels to the checkpoint's order"
+            )
+        super().on_load_checkpoint(checkpoint)
+
     def build_metrics(self) -> MetricCollection | None:
         return MetricCollection(
             {

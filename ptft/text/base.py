@@ -95,7 +95,8 @@ class TextSources:
             except Exception as err:
                 raise PtftError(
                     f"cannot load split {name!r} of dataset {self.dataset!r}: {str(err).splitlines()[0]}. "
-                    "Offline, point train_file / val_file at local files instead"
+                    "Offline, point train_file / val_file at local files instead; for a dataset without this split, "
+                    "set data.init_args.val_split=null to hold out val_fraction of training"
                 ) from err
         elif self.files.get(split) is not None:
             ds = self.reader(self.files[split])
@@ -220,7 +221,13 @@ class TextDataModule(FineTuneDataModule):
             from transformers import AutoTokenizer
 
             name = resolve_model_name(self.tokenizer_name)
-            self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+            tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, "tokenizer")
+            # Targets (QA spans, token tags, RNN heads' packing) are computed on unpadded rows: pad on the right.
+            # Generation pads prompts on the left itself (ChatDataModule's collate).
+            tokenizer.padding_side = "right"
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token  # decoder-only models (GPT-2, Llama): padding is masked out
+            self.tokenizer = tokenizer
         return self.tokenizer
 
     def setup(self, stage: str) -> None:

@@ -71,8 +71,9 @@ class SequenceHead(nn.Module):
         if self.kind in ("lstm", "gru"):
             pooled = masked_mean(self.rnn(states, mask), mask)
         elif self.kind == "attention":
-            scores = self.score(states).squeeze(-1).masked_fill(mask == 0, torch.finfo(states.dtype).min)
-            pooled = (scores.softmax(dim=-1).unsqueeze(-1) * states).sum(1)
+            scores = self.score(states).squeeze(-1).float()  # fp32 under autocast: the fill value must fit
+            scores = scores.masked_fill(mask == 0, torch.finfo(scores.dtype).min)
+            pooled = (scores.softmax(dim=-1).to(states.dtype).unsqueeze(-1) * states).sum(1)
         else:
             pooled = masked_mean(states, mask)
         return self.classifier(self.dropout(pooled))

@@ -57,6 +57,9 @@ class TextClassifier(HFModule, ClassificationModule):
         labels = label_config(self.label_names)
         if head == "model":
             model = build_hf_model(AutoModelForSequenceClassification, model_name, pretrained, model_config, **labels)
+            if model.config.pad_token_id is None and model.config.eos_token_id is not None:  # decoder-only models
+                eos = model.config.eos_token_id
+                model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
         else:
             encoder = build_hf_model(AutoModel, model_name, pretrained, model_config, **labels)
             hidden = encoder.config.hidden_size

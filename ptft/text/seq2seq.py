@@ -198,7 +198,8 @@ class Seq2SeqGenerator(HFModule, FineTuneModule):
                 values.update({f"{stage}/{key}": result[f"{key}_fmeasure"] for key in ROUGE_KEYS})
             else:
                 values[f"{stage}/{MONITORS[name]}"] = result
-        metrics.reset()
+        with torch.inference_mode(False):  # fresh states usable by a later fit's validation
+            metrics.reset()
         self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:

@@ -45,3 +45,11 @@ def test_head_learns_saves_and_reloads(head, lr, tiny_bert, text_files, tmp_path
     torch.testing.assert_close(reloaded(batch), model(batch))
     model.export(str(tmp_path / "export"))
     assert (tmp_path / "export" / "ptft_head.safetensors").exists() and (tmp_path / "export" / "config.json").exists()
+
+
+def test_attention_head_runs_under_bf16_autocast():
+    head = SequenceHead("attention", 8, 2, dropout=0.0)
+    states, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(states, mask)
+    assert logits.shape == (2, 2) and torch.isfinite(logits.float()).all()

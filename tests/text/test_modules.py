@@ -72,3 +72,21 @@ def test_model_config_overrides_and_random_init(tiny_bert):
     model = TextClassifier(tiny_bert, pretrained=False, model_config={"hidden_dropout_prob": 0.3})
     assert model.model.config.hidden_dropout_prob == 0.3
     assert model.hparams.model_config["model_type"] == "bert"
+
+
+def test_checkpoint_with_another_label_order_is_refused(tiny_bert, tmp_path):
+    import pytest
+
+    from ptft.core.errors import PtftError
+
+    model = TextClassifier(tiny_bert, num_labels=2, label_names=["negative", "positive"])
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    swapped = TextClassifier(tiny_bert, num_labels=2, label_names=["positive", "negative"])
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    with pytest.raises(PtftError, match="trained with labels \\['negative', 'positive'\\]"):
+        swapped.on_load_checkpoint(checkpoint)
+    model.on_load_checkpoint(checkpoint)  # the same order loads
