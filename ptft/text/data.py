@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 from ptft.core.data import LabelsMixin
 from ptft.core.errors import PtftError
@@ -32,8 +30,9 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             Hugging Face's length-grouped sampler): far less padding, same accuracy.
         long_documents: ``truncate`` keeps the first ``max_length`` tokens. ``windows`` splits each text into
             overlapping windows of ``max_length`` tokens (``stride`` apart): training uses every window with its
-            document's label; evaluation and prediction combine a document's windows (the model's ``aggregate``),
-            so metrics and predictions are per document.
+            document's label; evaluation and prediction rows are whole documents (``eval_batch_size`` counts
+            documents) whose windows the model combines (its ``aggregate``), so metrics and predictions are per
+            document, also under DDP.
         stride: Tokens shared by consecutive windows (``windows`` only).
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
@@ -95,21 +94,25 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             windows = {"stride": self.stride, "return_overflowing_tokens": True}
             windows["truncation"] = "only_second" if pair else True
 
-        def tokenize(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        grouped = self.windows and split != "train"  # evaluation rows are whole documents: lists of windows
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
             enc = tokenizer(batch[text], batch[pair] if pair else None, max_length=max_length, **{"truncation": True, **windows})
-            rows = enc.pop("overflow_to_sample_mapping", range(len(indices)))
+            rows = enc.pop("overflow_to_sample_mapping", range(len(batch[text])))
             enc["length"] = [len(ids) for ids in enc["input_ids"]]
             if names is not None:  # evaluation labels were checked against training's in discover_labels
                 ids = encode_labels(batch[label], names, "labels")
                 enc["labels"] = [ids[r] for r in rows]
-            if windows:
-                enc["doc_ids"] = [indices[r] for r in rows]
-            return enc
+            if not grouped:
+                return dict(enc)
+            documents: dict[str, list] = {key: [[] for _ in batch[text]] for key in enc}
+            for window, row in enumerate(rows):
+                for key, values in enc.items():
+                    documents[key][row].append(values[window])
+            return documents
 
-        encoded = ds.map(
-            tokenize, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}"
-        )
-        if split in ("val", "test") and not self.windows:  # windows stay in document order, for DocumentBatches
+        encoded = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"Tokenizing {split}")
+        if split in ("val", "test") and not grouped:
             return sort_by_length(encoded)
         return encoded
 
@@ -118,54 +121,19 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             from transformers import DataCollatorWithPadding
 
             self._pad = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+        if features and isinstance(features[0]["length"], list):  # whole documents: flatten, remember each window's
+            windows = [
+                {key: values[w] for key, values in doc.items() if key != "length"}
+                for doc in features
+                for w in range(len(doc["length"]))
+            ]
+            batch = self._pad(windows)
+            batch["doc_ids"] = torch.tensor([d for d, doc in enumerate(features) for _ in doc["length"]])
+            return batch
         return self._pad([{k: v for k, v in f.items() if k != "length"} for f in features])
 
     def train_lengths(self) -> list[int] | None:
         return column(self.datasets["train"], "length") if self.group_by_length else None
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        if not self.windows:
-            return self._loader(self.datasets[split], train=False, collate_fn=self.collate)
-        batches = DocumentBatches(column(self.datasets[split], "doc_ids"), self.eval_batch_size)
-        return DataLoader(self.datasets[split], batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("predict")
-
-
-class DocumentBatches(Sampler[list[int]]):
-    """Evaluation batches of whole documents: a document's windows are never split across batches.
-
-    Windows come in document order; a batch takes documents while they fit in ``batch_size`` windows (a document
-    longer than that is a batch of its own), so the model combines each document's windows within one step.
-    """
-
-    def __init__(self, doc_ids: list[int], batch_size: int) -> None:
-        self.batches: list[list[int]] = []
-        current: list[int] = []
-        start = 0
-        for end in range(1, len(doc_ids) + 1):
-            if end == len(doc_ids) or doc_ids[end] != doc_ids[start]:
-                document = list(range(start, end))
-                if current and len(current) + len(document) > batch_size:
-                    self.batches.append(current)
-                    current = []
-                current.extend(document)
-                start = end
-        if current:
-            self.batches.append(current)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 def aggregate_windows(logits: torch.Tensor, doc_ids: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:

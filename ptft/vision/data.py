@@ -23,6 +23,40 @@ from ptft.core.labels import discover_label_names, encode_labels
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+#: EXIF orientations that turn the image by 90 degrees (width and height swap when shown upright).
+_TRANSPOSED = {5, 6, 7, 8}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as viewers (and annotation tools) show the image: turned upright by its EXIF orientation, and
+    16/32-bit greyscale (``I;16``, ``I``, ``F``) scaled to 8 bits instead of clipped at 255 (almost all white).
+
+    Integer images scale by 65535 -> 255 (by their maximum when it is larger); float images in [0, 1] by 255, others
+    as 8-bit values (clipped to [0, 255]).
+    """
+    import numpy as np
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max(initial=0.0))
+        if image.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        else:
+            scale = 255.0 / max(65535.0, top)
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image after its EXIF orientation (what :func:`to_rgb` returns), from the
+    header alone. A PNG's EXIF is read only when it comes before the pixel data (the usual place)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return image.size  # getexif would decode the whole image to look for a trailing eXIf chunk
+    width, height = image.size
+    return (height, width) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
+
+
 @dataclass
 class ImageSource:
     """Where images live: a folder on disk or a folder inside a zip archive (``archive`` set)."""
@@ -76,6 +110,34 @@ def list_samples(location: str, arg: str, path_column: str, label_column: str) -
     return pairs, [label for _, label in pairs]
 
 
+def list_images(location: str, arg: str, path_column: str | None = None) -> list[ImageSource]:
+    """Every image under a folder or a zip archive (or a folder inside one), at any depth (folder names are
+    ignored); or, with ``path_column``, the images a CSV file lists (paths relative to it; other columns ignored)."""
+    if path_column is not None and location.lower().endswith(".csv"):
+        csv_path = Path(location).expanduser()
+        if not csv_path.is_file():
+            raise PtftError(f"{arg}: {location!r} does not exist")
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            if path_column not in (reader.fieldnames or []):
+                raise PtftError(f"{csv_path} has no column {path_column!r} (columns: {reader.fieldnames})")
+            images = [ImageSource(csv_path.parent / row[path_column]) for row in reader]
+        if not images:
+            raise PtftError(f"{arg}: {location!r} lists no images")
+        return images
+    source = ImageSource.parse(location, arg)
+    if source.archive is None:
+        images = [ImageSource(p) for p in sorted(source.root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        prefix = "" if str(source.root) == "." else source.root.as_posix().rstrip("/") + "/"
+        with zipfile.ZipFile(source.archive) as zf:
+            names = sorted(n for n in zf.namelist() if n.startswith(prefix) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+        images = [ImageSource(Path(n), archive=source.archive) for n in names]
+    if not images:
+        raise PtftError(f"{arg}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {location!r}")
+    return images
+
+
 class ImageDataset(Dataset):
     """Images decoded with PIL (from disk or a zip archive opened once per worker) and a transform."""
 
@@ -103,7 +165,7 @@ class ImageDataset(Dataset):
         return Image.open(io.BytesIO(archive.read(source.root.as_posix())))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.open(index).convert("RGB")
+        image = to_rgb(self.open(index))
         item: dict[str, Any] = {"pixel_values": self.transform(image)}
         if self.labels is not None:
             item["labels"] = self.labels[index]
@@ -190,7 +252,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         train: Training images.
         val: Validation images; held out from ``train`` when missing.
         test: Test images (for ``ptft test``).
-        predict: Images to predict: a folder of images, a class-folder tree, a zip or a CSV.
+        predict: Images to predict: a folder or a zip of images at any depth (a class-folder tree too), or a CSV
+            with the path column (a label column is not needed).
         labels: Class names in id order; discovered (sorted folder names / CSV labels) when not given.
         path_column: CSV column with image paths.
         label_column: CSV column with labels.
@@ -363,15 +426,14 @@ class ImageClassificationDataModule(ClassificationDataModule):
         return pick(order[n_val:]), pick(order[:n_val])
 
     def _predict_dataset(self, location: str) -> ImageDataset:
-        path = Path(location).expanduser()
-        if path.is_dir() and not any(p.is_dir() for p in path.iterdir()):
-            images = [ImageSource(p) for p in sorted(path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            images = [s for s, _ in list_samples(location, "predict", *self.columns)[0]]
+        # Labels are not needed: a folder or zip at any depth, or a CSV with just the path column.
+        images = list_images(location, "predict", path_column=self.columns[0])
         ds = ImageDataset(images, None, self.transform(training=False))
         bad = ds.unreadable()
         if bad:
-            raise PtftError(f"{len(bad)} unreadable image(s) in predict, first: {images[bad[0]].root}")
+            first = images[bad[0]]
+            where = f"{first.archive}/{first.root}" if first.archive else str(first.root)
+            raise PtftError(f"{len(bad)} unreadable image(s) in predict, first: {where}")
         return ds
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:

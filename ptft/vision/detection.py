@@ -479,7 +479,17 @@ class HFObjectDetector(HFModule, DetectionModule):
         outputs = self(batch)
         sizes = torch.tensor(batch["sizes"], device=outputs.logits.device)
         if self.processor is not None:
-            results = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+            # Predictions are relative to the padded canvas (as the processor made the training boxes): decode
+            # against the canvas in original pixels, then clip to the image.
+            padded = torch.tensor(batch["inputs"]["pixel_values"].shape[-2:], device=sizes.device)
+            valid = torch.tensor(batch["valid_sizes"], device=sizes.device) if "valid_sizes" in batch else padded
+            canvas = sizes * padded / valid
+            results = self.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=canvas)
+            for r, (h, w) in zip(results, sizes.tolist()):
+                r["boxes"] = torch.stack(
+                    [r["boxes"][:, 0].clamp(0, w), r["boxes"][:, 1].clamp(0, h), r["boxes"][:, 2].clamp(0, w),
+                     r["boxes"][:, 3].clamp(0, h)], dim=-1,
+                )
         else:
             results = _plain_post_process(outputs, batch["inputs"]["pixel_values"].shape[-2:], sizes)
         return [{k: r[k] for k in ("boxes", "scores", "labels")} for r in results], outputs.loss
@@ -495,7 +505,8 @@ class HFBatchEncoder:
     """Turns a detection batch into a Hugging Face detector's inputs; small and picklable, for DataLoader workers.
 
     With the model's image processor: resize, normalisation, padding, and COCO boxes to normalised ``(cx, cy, w, h)``.
-    Without one: :func:`_plain_inputs`. Crowd regions are left out of the training targets.
+    Without one: :func:`_plain_inputs`. Crowd regions are left out of the training targets. ``valid_sizes`` holds
+    each image's resized extent on the padded canvas (height, width), to decode predictions at the right scale.
     """
 
     def __init__(self, processor: Any) -> None:
@@ -520,9 +531,14 @@ class HFBatchEncoder:
         inputs = {"pixel_values": encoded["pixel_values"]}
         if "pixel_mask" in encoded:
             inputs["pixel_mask"] = encoded["pixel_mask"]
+            mask = encoded["pixel_mask"].bool()
+            valid = [(int(m.any(dim=1).sum()), int(m.any(dim=0).sum())) for m in mask]  # each image's resized extent
+        else:  # no mask (a processor that pads without one): each image's resized size, encoded alone unpadded
+            alone = [self.processor(images=[im], do_rescale=False, do_pad=False, return_tensors="pt") for im in images]
+            valid = [tuple(e["pixel_values"].shape[-2:]) for e in alone]
         if targets is not None:
             inputs["labels"] = [{"class_labels": e["class_labels"], "boxes": e["boxes"]} for e in encoded["labels"]]
-        return {**batch, "inputs": inputs}
+        return {**batch, "inputs": inputs, "valid_sizes": valid}
 
 
 def _plain_inputs(images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None) -> dict[str, Any]:

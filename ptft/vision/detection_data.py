@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ptft.core.data import FineTuneDataModule, LabelsMixin
 from ptft.core.errors import PtftError
-from ptft.vision.data import IMAGE_SUFFIXES
+from ptft.vision.data import IMAGE_SUFFIXES, to_rgb, upright_size
 
 #: Boxes may overhang the image by this many pixels (rounding in exported annotations); they are clipped.
 BOX_TOLERANCE = 1.0
@@ -101,6 +101,8 @@ def _check_annotation(ann: dict[str, Any], images: dict[int, CocoImage], categor
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > image.width + t or y + h > image.height + t:
         return f"annotation {aid} has bbox {bbox} (x, y, width, height) outside {where}"
+    if min(x + w, image.width) <= max(x, 0.0) or min(y + h, image.height) <= max(y, 0.0):  # what clipping leaves
+        return f"annotation {aid} has bbox {bbox} (x, y, width, height) with no area inside {where}"
     return None
 
 
@@ -150,7 +152,7 @@ class CocoDataset(Dataset):
 
         rec = self.images[index]
         with Image.open(rec.path) as im:
-            image = tv_tensors.Image(pil_to_tensor(im.convert("RGB")))
+            image = tv_tensors.Image(pil_to_tensor(to_rgb(im)))
         item: dict[str, Any] = {"file": str(rec.path), "size": tuple(image.shape[-2:])}  # (height, width)
         if not self.targets:
             item["image"] = self.transform(image).as_subclass(torch.Tensor)
@@ -191,8 +193,9 @@ class CocoDetectionDataModule(LabelsMixin, FineTuneDataModule):
     model's ``label_names``. Masks are decoded with pycocotools when the model needs them (Mask R-CNN).
 
     Annotations and images are checked before training: a box outside its image, a box with non-positive width or
-    height, an unknown category id or image id stops with a one-line error naming the annotation (``skip`` drops
-    such annotations instead); unreadable images, or images whose size differs from the JSON, always stop.
+    height (or none left inside the image once clipped), an unknown category id or image id stops with a one-line error naming the annotation (``skip`` drops
+    such annotations instead); unreadable images, or images whose size differs from the JSON, always stop. Images are read turned upright by
+    their EXIF orientation (the view annotation tools label), and sizes are compared after that turn.
 
     Args:
         train: Training annotations (COCO JSON).
@@ -337,7 +340,8 @@ def check_images(images: list[CocoImage], split: str, sizes: bool = True) -> Non
     for rec in images:
         try:
             with Image.open(rec.path) as im:
-                size = im.size
+                size = upright_size(im)  # annotation tools label the EXIF-upright view
+            with Image.open(rec.path) as im:
                 im.verify()
         except Exception as err:
             reason = "does not exist" if not rec.path.exists() else f"cannot be read ({type(err).__name__})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,17 +16,24 @@ from ptft.core.module import ClassificationModule
 from ptft.vision.mixing import BatchMixer, MixupConfig
 
 
+def resolve_weights_file(pretrained_file: str) -> Path:
+    """The local weights file ``pretrained_file`` names: a ``.safetensors`` / ``.pth`` file as is, or for a ptft
+    checkpoint (``.ckpt``: pre-training, an earlier fine-tune) its exported weights; one-line error when missing."""
+    path = Path(pretrained_file).expanduser()
+    if not path.is_file():
+        raise PtftError(f"pretrained_file {pretrained_file!r} does not exist")
+    if path.suffix == ".ckpt":
+        path = Path(resolve_model_name(str(path))) / "model.safetensors"
+    return path
+
+
 def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model`` with pretrained weights from the hub or a local file, and one-line errors."""
     import timm
 
     path = None
     if pretrained_file is not None:
-        path = Path(pretrained_file).expanduser()
-        if not path.is_file():
-            raise PtftError(f"pretrained_file {pretrained_file!r} does not exist")
-        if path.suffix == ".ckpt":  # a ptft checkpoint (pre-training, an earlier fine-tune): its exported weights
-            path = Path(resolve_model_name(str(path))) / "model.safetensors"
+        path = resolve_weights_file(pretrained_file)
         # timm's documented way to load a local weights file (.safetensors / .pth) with the model's own adaptation
         # (input-channel and position-embedding resizing). num_classes -1 never equals the model's, so timm always
         # drops a stored classifier: the new task gets a new head, also with 1,000 classes or from a backbone-only file.
@@ -34,7 +42,7 @@ def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, 
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
         if path is not None:
-            _check_backbone_loaded(model, name, path)
+            check_backbone_loaded(model, name, path)
         return model
     except RuntimeError as err:
         if "Unknown model" in str(err):
@@ -47,20 +55,29 @@ def create_timm_model(name: str, pretrained: bool, pretrained_file: str | None, 
         ) from err
 
 
-def _check_backbone_loaded(model: torch.nn.Module, name: str, path: Path) -> None:
-    """timm loads non-strictly once it drops the classifier: weights whose names match nothing would stay random."""
+def check_backbone_loaded(model: torch.nn.Module, name: str, path: Path) -> None:
+    """timm loads non-strictly once it drops the classifier: weights whose names match nothing would stay random.
+
+    ``model`` is a timm model or a timm feature extractor (``features_only``, as smp's ``tu-`` encoders and detection
+    backbones use): its wrapper renames flattened stages (``stages_0`` for ``stages.0``), mapped back here.
+    """
     from timm.models import load_state_dict
 
     stored = set(load_state_dict(str(path)))
     head = model.pretrained_cfg.get("classifier") or ()
     heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
-    missing = sorted(k for k, _ in model.named_parameters() if not k.startswith(heads) and k not in stored)
+
+    def found(key: str) -> bool:
+        return key in stored or re.sub(r"^(\w+?)_(\d+)\.", r"\1.\2.", key) in stored
+
+    missing = sorted(k for k, _ in model.named_parameters() if not k.startswith(heads) and not found(k))
     if missing:
         raise PtftError(
             f"pretrained_file {path} lacks {len(missing)} weights of timm model {name!r} (first: {missing[0]}); give "
             "the weights of the same architecture (ptft export CKPT DIR writes DIR/model.safetensors, or the .ckpt)"
         )
-    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
+    if hasattr(model, "num_classes"):  # feature extractors have none
+        model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
 
 
 class ImageClassifier(ClassificationModule):

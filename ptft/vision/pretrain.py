@@ -13,7 +13,7 @@ left out) that every vision fine-tuning module loads with ``pretrained_file``::
 from __future__ import annotations
 
 import copy
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -26,28 +26,11 @@ from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import FineTuneModule
-from ptft.vision.data import IMAGE_SUFFIXES, ImageDataset, ImageSource, collate
+from ptft.vision.data import ImageDataset, ImageSource, collate, list_images
 from ptft.vision.modules import create_timm_model
 
 
 # --- data -------------------------------------------------------------------------------------------------------
-def list_images(location: str, arg: str) -> list[ImageSource]:
-    """Every image under a folder or a zip archive (or a folder inside one), at any depth; folder names are ignored."""
-    import zipfile
-
-    source = ImageSource.parse(location, arg)
-    if source.archive is None:
-        images = [ImageSource(p) for p in sorted(source.root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        prefix = "" if str(source.root) == "." else source.root.as_posix().rstrip("/") + "/"
-        with zipfile.ZipFile(source.archive) as zf:
-            names = sorted(n for n in zf.namelist() if n.startswith(prefix) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
-        images = [ImageSource(Path(n), archive=source.archive) for n in names]
-    if not images:
-        raise PtftError(f"{arg}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {location!r}")
-    return images
-
-
 class TwoViews:
     """Two independent random augmentations of one image, stacked: ``(2, C, H, W)``."""
 

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from ptft.core.errors import PtftError
 from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.module import ClassificationModule
+from ptft.vision.modules import check_backbone_loaded, resolve_weights_file
 from ptft.vision.segmentation_data import IGNORE, IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -122,7 +123,8 @@ class SemanticSegmenter(SegmentationModule):
             ``unetplusplus``, ``deeplabv3plus``, ``segformer``…).
         pretrained: Load the encoder's pretrained weights from the hub (or from ``pretrained_file``).
         pretrained_file: Local timm weights file (``.safetensors`` or ``.pth``) for the encoder, e.g. a ptft
-            pre-trained backbone; its classifier is dropped.
+            pre-trained backbone, or a ptft checkpoint (``.ckpt``); its classifier is dropped. Every encoder weight
+            must be in the file (one-line error otherwise).
         model_kwargs: Extra ``smp.create_model`` arguments (``decoder_channels: [256, 128, 64, 32, 16]`` for U-Net,
             ``decoder_pyramid_channels``, ``decoder_segmentation_channels`` (multiples of 32) and ``decoder_dropout``
             for FPN, ``encoder_depth``), and timm arguments for the encoder (``drop_path_rate``).
@@ -145,11 +147,11 @@ class SemanticSegmenter(SegmentationModule):
         self.model_name = encoder
         self.encoder_name = encoder
         extra = dict(model_kwargs or {})
+        weights = None
         if pretrained_file is not None:
-            if not Path(pretrained_file).expanduser().is_file():
-                raise PtftError(f"pretrained_file {pretrained_file!r} does not exist")
+            weights = resolve_weights_file(pretrained_file)  # a .ckpt: its exported weights
             # timm loads the file into the full model before wrapping it as a feature extractor (keys match).
-            extra["pretrained_cfg_overlay"] = {"file": str(Path(pretrained_file).expanduser())}
+            extra["pretrained_cfg_overlay"] = {"file": str(weights)}
             pretrained = True
         # Only the names and preprocessing of the full timm model are kept (not as a submodule: no weights).
         self._timm_layers, self._timm_data = _timm_reference(encoder)
@@ -173,6 +175,8 @@ class SemanticSegmenter(SegmentationModule):
             if "downsampling pattern" in message:
                 message += " (smp needs an encoder with a feature pyramid: ResNet, ConvNeXt, EfficientNet…, not a plain ViT)"
             raise PtftError(f"cannot build {architecture} over timm encoder {encoder!r}: {message}") from err
+        if weights is not None:  # timm loads non-strictly: names that fit nothing would leave the encoder random
+            check_backbone_loaded(model.encoder.model, encoder, weights)
         self.set_model(model)
         self._save_hparams(pretrained=False, pretrained_file=None)
 
@@ -252,6 +256,8 @@ class HFSemanticSegmenter(HFModule, SegmentationModule):
         pretrained: Load the pretrained weights; ``False`` builds the architecture with random weights.
         model_config: Config overrides; a dict holding ``model_type`` is a complete config, used without reading
             ``model_name``'s (how full checkpoints reload without the hub).
+        image_stats: Input normalisation ``{mean: [...], std: [...]}``; ``None``: the model's image processor's
+            (with ``pretrained``), else ImageNet's. Checkpoints store the one used, so a reload normalises the same.
         **kwargs: The arguments of :class:`SegmentationModule` (``predict_dir``, ``num_labels``, ``label_names``,
             ``optimizer``, ``scheduler``…).
     """
@@ -261,6 +267,7 @@ class HFSemanticSegmenter(HFModule, SegmentationModule):
         model_name: str = "nvidia/mit-b0",
         pretrained: bool = True,
         model_config: dict[str, Any] | None = None,
+        image_stats: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -269,10 +276,16 @@ class HFSemanticSegmenter(HFModule, SegmentationModule):
         self.model_name = model_name
         labels = label_config(self.label_names)
         model = build_hf_model(AutoModelForSemanticSegmentation, model_name, pretrained, model_config, **labels)
-        self._image_stats = _image_stats(model_name) if pretrained else None
+        if image_stats is None and pretrained:
+            image_stats = _image_stats(model_name)
+        if image_stats is not None and not {"mean", "std"} <= set(image_stats):
+            raise PtftError(f"image_stats needs 'mean' and 'std' (3 values each), got {image_stats!r}")
+        self._image_stats = None if image_stats is None else {k: tuple(image_stats[k]) for k in ("mean", "std")}
         architecture = model.config.to_dict()
         self.set_model(model)
         self._save_hparams(pretrained=False, model_config=architecture)
+        # Every checkpoint (full, or weights-only rebuilt with pretrained) normalises as this run did.
+        self.hparams["image_stats"] = None if self._image_stats is None else {k: list(v) for k, v in self._image_stats.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(pixel_values=batch["pixel_values"]).logits

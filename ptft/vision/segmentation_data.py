@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
-from ptft.vision.data import IMAGE_SUFFIXES
+from ptft.vision.data import IMAGE_SUFFIXES, to_rgb, upright_size
 
 #: Ignored pixels in batches, whatever value marks them in the mask files (``F.cross_entropy``'s default).
 IGNORE = -100
@@ -123,7 +123,7 @@ class SegmentationDataset(Dataset):
 
         path = self.split.images[index]
         with Image.open(path) as img:
-            image = tv_tensors.Image(pil_to_tensor(img.convert("RGB")))
+            image = tv_tensors.Image(pil_to_tensor(to_rgb(img)))
         if self.split.masks is None:
             name = path.relative_to(self.split.root)  # predicted masks keep the images' relative paths
             return {"pixel_values": self.transform(image), "path": str(path), "name": str(name),
@@ -234,7 +234,8 @@ class SegmentationDataModule(ClassificationDataModule):
         for image, mask in zip(split.images, split.masks):
             try:
                 with Image.open(image) as img:
-                    size = img.size
+                    size = upright_size(img)  # masks are drawn on the EXIF-upright view
+                with Image.open(image) as img:
                     img.verify()
             except Exception as err:
                 raise PtftError(f"{split.name}: cannot read image {image}: {str(err).splitlines()[0]}") from err

@@ -7,7 +7,15 @@ import torch
 from helpers import RecordLrs, SaveRankWeights, changed, trainer, weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ptft.core import BitFit, FreezeSchedule, FreezeUnfreeze, GradualUnfreeze, LinearProbe, OptimizerConfig, SchedulerConfig
+from ptft.core import (
+    BitFit,
+    FreezeSchedule,
+    FreezeUnfreeze,
+    GradualUnfreeze,
+    LinearProbe,
+    OptimizerConfig,
+    SchedulerConfig,
+)
 from ptft.core.errors import PtftError
 from ptft.text import TextClassificationDataModule, TextClassifier
 from ptft.vision import ImageClassificationDataModule, ImageClassifier

@@ -277,10 +277,11 @@ def bad(coco_path: str, change) -> str:
     [
         (lambda c: c["annotations"][0].update(bbox=[50, 10, 30, 10]), r"annotation 100 has bbox \[50, 10, 30, 10\] .* outside image 1 \(000.png, 64x64\)"),
         (lambda c: c["annotations"][0].update(bbox=[5, 5, 0, 10]), r"annotation 100 on image 1 .* non-positive box width/height"),
+        (lambda c: c["annotations"][0].update(bbox=[64.2, 5, 0.6, 10]), r"annotation 100 has bbox \[64.2, 5, 0.6, 10\] .* no area inside image 1"),
         (lambda c: c["annotations"][0].update(category_id=99), r"annotation 100 has category_id 99, which is not in 'categories' \[3, 7\]"),
         (lambda c: c["annotations"][0].update(image_id=999), r"annotation 100 refers to image id 999, which is not in 'images'"),
     ],
-    ids=["outside", "empty-box", "category", "image-id"],
+    ids=["outside", "empty-box", "no-area-inside", "category", "image-id"],
 )
 def test_bad_annotations_are_one_line_errors(coco, change, message):
     path = bad(coco["train"], change)
@@ -317,3 +318,42 @@ def test_categories_must_agree_between_splits(coco):
     bad(coco["val"], lambda c: c["categories"][0].update(name="crimson"))
     with pytest.raises(PtftError, match="val categories .* differ from train's"):
         _ = CocoDetectionDataModule(train=coco["train"], val=coco["val"], num_workers=0).label_names
+
+
+def test_hf_detector_decodes_boxes_of_padded_images_at_their_scale(tiny_detr):
+    """The processor pads a batch to its largest image and makes boxes relative to the padded canvas: a smaller
+    image's predictions must decode against that canvas, not shrink to its top-left corner."""
+    from types import SimpleNamespace
+
+    model = HFObjectDetector(tiny_detr, num_labels=2, label_names=["red", "blue"]).eval()
+    boxes = [torch.tensor([[10.0, 20.0, 60.0, 80.0]]), torch.tensor([[100.0, 10.0, 180.0, 90.0]])]
+    batch = {
+        "images": [torch.rand(3, 100, 100), torch.rand(3, 100, 200)], "files": ["a", "b"], "sizes": [(100, 100), (100, 200)],
+        "targets": [{"boxes": b, "labels": torch.tensor([0]), "iscrowd": torch.tensor([0])} for b in boxes],
+    }
+    batch = model.batch_encoder()(batch)
+    assert batch["inputs"]["pixel_values"].shape[-2:] == (SIZE, SIZE) and batch["valid_sizes"] == [(64, 64), (32, 64)]
+    logits = torch.tensor([[[8.0, 0.0, 0.0]]]).repeat(2, 1, 1)  # one confident "red" query per image
+    pred = torch.stack([label["boxes"] for label in batch["inputs"]["labels"]])  # the training targets as predictions
+    model.forward = lambda _batch: SimpleNamespace(logits=logits, pred_boxes=pred, loss=None)
+    detections, _ = model.detect(batch)
+    for detection, box in zip(detections, boxes):
+        torch.testing.assert_close(detection["boxes"], box, atol=0.5, rtol=0)
+
+
+def test_exif_orientation_turns_images_upright_before_the_size_check(tmp_path):
+    """Annotation tools label the EXIF-upright view: a photo stored 48x32 with orientation 6 is 32x48 in COCO."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.new("RGB", (48, 32), (90, 90, 90)).save(tmp_path / "photo.jpg", exif=exif)
+    coco = {
+        "images": [{"id": 1, "file_name": "photo.jpg", "width": 32, "height": 48}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 30, 20, 15], "area": 300, "iscrowd": 0}],
+        "categories": [{"id": 3, "name": "red"}],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    data = CocoDetectionDataModule(train=str(tmp_path / "coco.json"), val=str(tmp_path / "coco.json"), num_workers=0)
+    data.setup("fit")
+    item = data.datasets["val"][0]
+    assert item["image"].shape == (3, 48, 32) and item["size"] == (48, 32)
+    torch.testing.assert_close(item["target"]["boxes"][0], torch.tensor([2.0, 30.0, 22.0, 45.0]))

@@ -331,3 +331,76 @@ def test_segformer_recipe_runs(run_recipe, seg_data):
     ])
     assert isinstance(cli.model, HFSemanticSegmenter) and cli.model.num_labels == 3
     assert cli.trainer.global_step == 2
+
+
+def test_pretrained_file_must_fit_the_encoder_and_may_be_a_checkpoint(tmp_path):
+    import timm
+
+    from ptft.vision.modules import ImageClassifier
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    save_file({f"backbone.{k}": v for k, v in source.state_dict().items()}, tmp_path / "renamed.safetensors")
+    with pytest.raises(PtftError, match=r"renamed.safetensors lacks \d+ weights of timm model 'test_resnet' \(first: ") as err:
+        SemanticSegmenter("test_resnet", pretrained_file=str(tmp_path / "renamed.safetensors"), model_kwargs=TINY_UNET, num_labels=3)
+    assert "\n" not in str(err.value)
+    classifier = ImageClassifier("test_resnet", pretrained=False, num_labels=2)  # an earlier fine-tune's checkpoint
+    fit = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    fit.strategy.connect(classifier)
+    fit.save_checkpoint(tmp_path / "classifier.ckpt")
+    model = SemanticSegmenter("test_resnet", pretrained_file=str(tmp_path / "classifier.ckpt"), model_kwargs=TINY_UNET, num_labels=3)
+    torch.testing.assert_close(model.model.encoder.model.layer4[0].conv1.weight, classifier.model.layer4[0].conv1.weight)
+
+
+def test_pretrained_file_loads_into_encoders_with_flattened_stage_names(tmp_path):
+    """timm's feature extractor renames ``stages.0`` to ``stages_0``: a file of the full model still fits it."""
+    import timm
+
+    from ptft.vision.modules import create_timm_model
+
+    source = timm.create_model("convnext_atto")
+    save_file(source.state_dict(), tmp_path / "convnext.safetensors")
+    body = create_timm_model("convnext_atto", False, str(tmp_path / "convnext.safetensors"), features_only=True)
+    torch.testing.assert_close(body.stages_3.blocks[1].mlp.fc2.weight, source.stages[3].blocks[1].mlp.fc2.weight)
+    model = SemanticSegmenter("convnext_atto", pretrained_file=str(tmp_path / "convnext.safetensors"), model_kwargs=TINY_UNET, num_labels=2)
+    torch.testing.assert_close(model.model.encoder.model.stages_0.blocks[0].conv_dw.weight, source.stages[0].blocks[0].conv_dw.weight)
+
+
+def test_exif_orientation_turns_images_upright_before_the_size_check(tmp_path):
+    """Masks are drawn on the EXIF-upright view: a photo stored 32x48 with orientation 6 fits a 48x32 mask."""
+    from ptft.vision.data import to_rgb
+
+    split = write_split(tmp_path / "train", 2, seed=0, size=(32, 48))  # masks 48 wide, 32 high
+    photo = Path(split) / "images" / "001.jpg"
+    upright = np.asarray(Image.open(photo).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    Image.fromarray(np.rot90(upright).copy()).save(photo, exif=exif, quality=95)  # stored turned back: 32x48
+    assert Image.open(photo).size == (32, 48)
+    dm = SegmentationDataModule(train=split, val=split, labels=CLASSES, image_size=32, num_workers=0)
+    dm.setup("fit")
+    item = dm.datasets["val"][1]
+    assert item["pixel_values"].shape == (3, 32, 32) and item["labels"].shape == (32, 32)
+    assert np.abs(np.asarray(to_rgb(Image.open(photo)), dtype=float) - upright).mean() < 10  # the same view
+
+
+def test_hf_segmenter_checkpoint_keeps_the_input_normalisation(tmp_path):
+    """The processor's statistics (not ImageNet's) are read once, from the pretrained folder, and saved."""
+    from transformers import (
+        AutoModelForSemanticSegmentation,
+        SegformerConfig,
+        SegformerImageProcessor,
+    )
+
+    from ptft.core.module import load_checkpoint
+
+    config = {k: v for k, v in TINY_SEGFORMER.items() if k != "model_type"}
+    AutoModelForSemanticSegmentation.from_config(SegformerConfig(**config, num_labels=3)).save_pretrained(tmp_path / "tiny")
+    SegformerImageProcessor(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3]).save_pretrained(tmp_path / "tiny")
+    model = HFSemanticSegmenter(str(tmp_path / "tiny"), num_labels=3, label_names=CLASSES)
+    expected = {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    assert model.data_config() == expected
+    fit = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    fit.strategy.connect(model)
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    restored = load_checkpoint(str(tmp_path / "model.ckpt"))  # pretrained=False: no processor read on reload
+    assert restored.hparams.pretrained is False and restored.data_config() == expected
