@@ -161,7 +161,7 @@ class TextDataModule(FineTuneDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed)
-        if dataset is None and train_file is None and predict_file is None and test_file is None:
+        if dataset is None and all(f is None for f in (train_file, val_file, test_file, predict_file)):
             raise PtftError("give train_file (and optionally val_file / test_file) or a dataset name")
         self.sources = TextSources(
             {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file},
@@ -233,7 +233,9 @@ class TextDataModule(FineTuneDataModule):
     def setup(self, stage: str) -> None:
         self.load_tokenizer()
         raw = self.raw()
-        if stage in ("fit", "validate") and "train" not in self.datasets:
+        if stage == "validate" and raw["train"] is None and raw["val"] is not None and "val" not in self.datasets:
+            self.datasets["val"] = self.encode(raw["val"], "val")  # ptft validate with a val_file alone
+        if (stage == "fit" and "train" not in self.datasets) or (stage == "validate" and "val" not in self.datasets):
             train, val = raw["train"], raw["val"]
             if train is None:
                 raise PtftError("fitting needs train_file or a dataset")

@@ -124,3 +124,9 @@ def test_unknown_dataset_offline_is_one_line(tmp_path):
     dm = TextClassificationDataModule(dataset="no-such-user/no-such-dataset")
     with pytest.raises(PtftError, match="cannot load split 'train' of dataset 'no-such-user/no-such-dataset'"):
         dm.label_names
+
+
+def test_validate_needs_only_a_validation_file(tiny_bert, text_files):
+    dm = TextClassificationDataModule(val_file=text_files["val"], labels=["negative", "positive"], tokenizer=tiny_bert)
+    dm.setup("validate")
+    assert set(dm.datasets) == {"val"} and len(dm.datasets["val"]) == 32
