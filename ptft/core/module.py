@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import random
+from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -51,6 +53,13 @@ class FineTuneModule(L.LightningModule):
 
     #: The metric the CLI's default best checkpoint follows, and whether higher is better.
     checkpoint_monitor: tuple[str, Literal["min", "max"]] = ("val/loss", "min")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FineTuneModule:
+        # The constructor's arguments, recorded before any __init__ runs: _save_hparams saves them as given, without
+        # Lightning's frame introspection (which walks the call stack for __init__ locals).
+        self = super().__new__(cls)
+        object.__setattr__(self, "_init_arguments", constructor_arguments(cls, args, kwargs))
+        return self
 
     def __init__(
         self,
@@ -100,21 +109,27 @@ class FineTuneModule(L.LightningModule):
         if self.compile_backend is not None:
             self.model.compile(backend=self.compile_backend)  # in place: parameter names and checkpoints unchanged
 
-    def _save_hparams(self, frame: Any = None, **overrides: Any) -> None:
-        """Saves the constructor arguments as plain values, so ``load_from_checkpoint`` works outside the CLI.
+    def _save_hparams(self, **overrides: Any) -> None:
+        """Saves the constructor's arguments as plain values, so ``load_from_checkpoint`` works outside the CLI.
 
         Call it at the end of the task module's ``__init__``; ``overrides`` replace saved values in full
-        checkpoints (``pretrained=False``: the weights are in the checkpoint). ``logger=False``: the CLI logs the
-        whole nested config once; Lightning's flat copy would duplicate it.
+        checkpoints (``pretrained=False``: the weights are in the checkpoint). Not logged: the CLI logs the whole
+        nested config once, and Lightning's flat copy would duplicate it.
         """
-        init_frame = frame or inspect.currentframe().f_back  # the task module's __init__ whose arguments are saved
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "peft"], frame=init_frame, logger=False)
-        self.hparams["optimizer"] = as_dict(self.optimizer_config)
-        self.hparams["scheduler"] = as_dict(self.scheduler_config)
-        self.hparams["peft"] = None if self.peft_config is None else as_dict(self.peft_config)
+        hparams = {k: v for k, v in self._init_arguments.items() if k not in ("optimizer", "scheduler", "peft")}
+        hparams.update(
+            optimizer=as_dict(self.optimizer_config),
+            scheduler=as_dict(self.scheduler_config),
+            peft=None if self.peft_config is None else as_dict(self.peft_config),
+        )
         if self.checkpoint_weights == "all":
             # A full checkpoint rebuilds the architecture without the pretrained weights (they are in it).
-            self.hparams.update(overrides)
+            hparams.update(overrides)
+        # What save_hyperparameters(dict) ends with, minus its search of the call stack for __init__ locals.
+        self._log_hyperparams = False
+        self._hparams_name = "kwargs"
+        self._set_hparams(hparams)
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     # --- subclass hooks -------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -131,6 +146,15 @@ class FineTuneModule(L.LightningModule):
 
     def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
         """Updates and logs ``self.metrics[f"{stage}_"]`` from :meth:`step`'s outputs."""
+
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor] | None:
+        """Scores computed once per evaluation epoch (QA, generation, retrieval, mAP), or ``None``.
+
+        Override it for metrics that need the whole epoch: compute ``self.metrics[f"{stage}_"]`` (torchmetrics syncs
+        every rank's states first) and return the values to log. The base logs them and resets the states. Tasks whose
+        Metric objects are logged per step (classification) keep the default: Lightning computes and resets those.
+        """
+        return None
 
     def head_modules(self, model: nn.Module) -> list[str]:
         """Names of the submodules of ``model`` that form the newly initialised task head (none by default)."""
@@ -184,7 +208,10 @@ class FineTuneModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         loss, outputs = self.step(batch, stage)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=self.batch_size_of(batch))
+        # Evaluation losses are epoch means over every rank's batches: the checkpoint and plateau monitors must agree.
+        self.log(
+            f"{stage}/loss", loss, prog_bar=stage != "test", batch_size=self.batch_size_of(batch), sync_dist=stage != "train"
+        )
         self.update_metrics(stage, outputs, batch)
         return loss
 
@@ -201,6 +228,21 @@ class FineTuneModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._shared_step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values = self.epoch_metrics(stage)
+        if values is None:
+            return
+        # Already equal on every rank (computed from synced states): no sync_dist reduction needed.
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
+        with torch.inference_mode(False):  # states reset under inference mode could not be updated by a later fit
+            self.metrics[f"{stage}_"].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def prediction_rows(self, outputs: Any) -> list[dict[str, Any]]:
         """One flat row per example of a :meth:`predict_step` output, for :class:`ptft.core.WritePredictions`."""
@@ -264,51 +306,118 @@ class FineTuneModule(L.LightningModule):
         if self._l2_sp_reference:
             checkpoint["l2_sp_reference"] = {k: v.cpu() for k, v in self._l2_sp_reference.items()}
         checkpoint["ptft_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        # Dropout and augmentation draw from these: a resumed run continues the same random stream.
-        _, keys, pos, has_gauss, gauss = np.random.get_state()  # timm's Mixup draws from numpy
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],  # tensors: weights_only loading
-        }
+        # Dropout and augmentation draw from these: a resumed run continues the same random streams, on every rank.
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every_rank: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every_rank, states)  # every rank saves; rank 0's file keeps them all
+            checkpoint["rng_states_per_rank"] = every_rank
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "l2_sp_reference" in checkpoint:
             self._l2_sp_reference = dict(checkpoint["l2_sp_reference"])
-        rng = checkpoint.get("rng_states")
-        if rng is not None and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if "numpy" in rng:
-                keys, pos, has_gauss, gauss = rng["numpy"]
-                np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
+        if self._trainer is None or self.trainer.state.fn != "fit" or "rng_states" not in checkpoint:
+            return
+        per_rank = checkpoint.get("rng_states_per_rank")
+        rank = self.trainer.global_rank
+        if per_rank is not None and rank < len(per_rank):
+            set_rng_states(per_rank[rank])
+        else:  # saved by one process, resumed by several: each rank starts from the saved streams
+            set_rng_states(checkpoint["rng_states"])
 
 
-class ClassificationModule(FineTuneModule):
-    """One label per example: cross-entropy, accuracy and macro-F1, class probabilities as predictions.
+def rng_states() -> dict[str, Any]:
+    """This process's torch (CPU and every CUDA device), Python and numpy random states, loadable with
+    ``torch.load(weights_only=True)`` (numpy's key array as a tensor).
+
+    Lightning's own ``_collect_rng_states`` holds the numpy state as a tuple with an ndarray, which weights-only
+    loading refuses; hence this small pair.
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # timm's Mixup draws from numpy
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restores what :func:`rng_states` returned (CUDA states only where the same number of devices is visible)."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "numpy" in states:
+        keys, pos, has_gauss, gauss = states["numpy"]
+        np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"the checkpoint holds CUDA random states for {len(cuda)} device(s), this machine has "
+                f"{torch.cuda.device_count()}: CUDA random streams (dropout on GPU) restart instead of continuing"
+            )
+
+
+def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``cls(*args, **kwargs)`` by name, with the defaults of ``cls`` and of the base classes its
+    ``**kwargs`` reach (a task module forwards the shared arguments to :class:`FineTuneModule`).
+
+    Dataclass values become dicts (checkpoints load with ``weights_only=True``). Calls that do not bind (``copy``
+    and ``pickle`` call ``__new__`` without arguments) give what does bind.
+    """
+    arguments: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is L.LightningModule:  # and above: not ptft's arguments
+            break
+        if "__init__" not in vars(klass):
+            continue
+        signature = inspect.signature(klass.__init__)
+        try:
+            bound = signature.bind_partial(None, *args, **kwargs) if klass is cls else None
+        except TypeError:
+            bound = None
+        if bound is not None:
+            for name, value in bound.arguments.items():
+                parameter = signature.parameters[name]
+                if parameter.kind is parameter.VAR_KEYWORD:
+                    arguments.update(value)
+                elif parameter.kind is not parameter.VAR_POSITIONAL and name != "self":
+                    arguments[name] = value
+        for name, parameter in signature.parameters.items():
+            if parameter.default is not parameter.empty:
+                arguments.setdefault(name, parameter.default)
+    return {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in arguments.items()}
+
+
+class LabelledModule(FineTuneModule):
+    """A task with named classes (classification, token tagging, detection): the one home of the label fields.
+
+    ``num_labels`` and ``label_names`` are linked from the data module by the CLI, saved in the hyperparameters, and
+    checked against a checkpoint's label order when one is loaded (a reordering would permute every prediction).
 
     Args:
         num_labels: Number of classes. Linked from the data module by the CLI.
         label_names: Class names in label-id order. Linked from the data module by the CLI.
-        label_smoothing: Cross-entropy label smoothing.
         **kwargs: The shared fine-tuning arguments of :class:`FineTuneModule`.
     """
 
-    checkpoint_monitor = ("val/acc", "max")
-
-    def __init__(
-        self, num_labels: int = 2, label_names: list[str] | None = None, label_smoothing: float = 0.0, **kwargs: Any
-    ) -> None:
+    def __init__(self, num_labels: int = 2, label_names: list[str] | None = None, **kwargs: Any) -> None:
         if label_names is not None and len(label_names) != num_labels:
             raise PtftError(f"{len(label_names)} label_names given for num_labels={num_labels}")
         self.num_labels = num_labels
         self.label_names = list(label_names) if label_names else [str(i) for i in range(num_labels)]
-        self.label_smoothing = label_smoothing
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # after the labels: build_metrics needs them
 
     def _save_hparams(self, **overrides: Any) -> None:
-        super()._save_hparams(frame=inspect.currentframe().f_back, **overrides)
-        self.hparams["label_names"] = self.label_names
+        super()._save_hparams(**overrides)
+        self.hparams.update(num_labels=self.num_labels, label_names=self.label_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("label_names")
@@ -318,6 +427,22 @@ class ClassificationModule(FineTuneModule):
                 "set data.init_args.labels to the checkpoint's order"
             )
         super().on_load_checkpoint(checkpoint)
+
+
+class ClassificationModule(LabelledModule):
+    """One label per example: cross-entropy, accuracy and macro-F1, class probabilities as predictions.
+
+    Args:
+        label_smoothing: Cross-entropy label smoothing.
+        **kwargs: ``num_labels``, ``label_names`` (:class:`LabelledModule`) and the shared fine-tuning arguments of
+            :class:`FineTuneModule`.
+    """
+
+    checkpoint_monitor = ("val/acc", "max")
+
+    def __init__(self, label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        self.label_smoothing = label_smoothing
+        super().__init__(**kwargs)
 
     def build_metrics(self) -> MetricCollection | None:
         return MetricCollection(
