@@ -179,7 +179,8 @@ class EntityScore(Metric):
 
     def compute(self) -> torch.Tensor:
         seqeval = _seqeval()
-        if not self.lengths:
+        # A list on one process, one tensor once torchmetrics has synced it across processes: dim_zero_cat takes both.
+        if isinstance(self.lengths, list) and not self.lengths:
             return torch.tensor(0.0)
         lengths = dim_zero_cat(self.lengths).tolist()
         preds = self._sentences(dim_zero_cat(self.preds).tolist(), lengths)
