@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from ptft.core.errors import PtftError
 from ptft.core.hf import HFModule, build_hf_model
 from ptft.core.module import FineTuneModule
+from ptft.core.token_loss import Perplexity, TokenMeanLoss
 from ptft.text.base import TextDataModule, column
 
 Objective = Literal["mlm", "clm"]
@@ -33,14 +34,15 @@ def _model_type(model_name: str, model_config: dict[str, Any] | None) -> str:
     return load_pretrained(AutoConfig.from_pretrained, resolve_model_name(model_name), "config").model_type
 
 
-class LanguageModel(HFModule, FineTuneModule):
+class LanguageModel(TokenMeanLoss, HFModule, FineTuneModule):
     """Masked (``mlm``) or causal (``clm``) language modelling with the model's own pretrained LM head.
 
     ``mlm`` builds ``AutoModelForMaskedLM`` (BERT, RoBERTa, DeBERTa, MiniLM…), ``clm`` builds
-    ``AutoModelForCausalLM`` (GPT-2, Llama, SmolLM…). Logs ``val/loss`` and ``val/perplexity`` (exp of the mean
-    negative log-likelihood over every predicted token of the validation set); the best checkpoint follows
-    ``val/loss``. Checkpoints that lack the LM head (sentence-transformers exports of BERT models) get it initialised
-    by transformers, which says so in a warning.
+    ``AutoModelForCausalLM`` (GPT-2, Llama, SmolLM…). Logs ``val/loss`` (the mean negative log-likelihood per
+    predicted token of the validation set) and ``val/perplexity`` (its exp); the best checkpoint follows ``val/loss``.
+    Under gradient accumulation and DDP every token of an optimizer step weighs the same
+    (:class:`ptft.core.token_loss.TokenMeanLoss`). Checkpoints that lack the LM head (sentence-transformers exports
+    of BERT models) get it initialised by transformers, which says so in a warning.
 
     Args:
         model_name: Hugging Face hub name (``sentence-transformers/all-MiniLM-L6-v2``, ``gpt2``), a local folder with
@@ -95,38 +97,27 @@ class LanguageModel(HFModule, FineTuneModule):
         return []
 
     def build_metrics(self) -> MetricCollection:
-        from torchmetrics.text import Perplexity
-
-        return MetricCollection({"perplexity": Perplexity(ignore_index=-100)})
+        return MetricCollection({"perplexity": Perplexity()})
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
         return self.model(**batch)
 
+    def loss_tokens(self, batch: dict[str, Any]) -> int:
+        """The predicted tokens: masked ones (``mlm``), every labelled token but the first of a row (``clm``)."""
+        labels = batch["labels"] if self.objective == "mlm" else batch["labels"][:, 1:]  # token t predicts t + 1
+        return int((labels != -100).sum())
+
     def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
-        out = self(batch)
-        if stage == "train":  # perplexity is an evaluation metric: no softmax over the vocabulary per training step
-            return out.loss, None
-        logits, labels = out.logits.detach(), batch["labels"]
-        if self.objective == "clm":  # token t predicts token t + 1 (the model shifts the same way for its loss)
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        keep = labels != -100
-        return out.loss, (logits[keep].float(), labels[keep])
+        loss = self(batch).loss
+        return loss, loss.detach()
 
     def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
-        if outputs is None:
-            return
-        logits, labels = outputs  # only the predicted positions: a softmax over them, not over every padded one
-        metrics = self.metrics[f"{stage}_"]
-        metrics.update(logits.unsqueeze(0), labels.unsqueeze(0))
-        self.log_dict(metrics, prog_bar=stage == "val", batch_size=self.batch_size_of(batch))
+        if stage != "train":  # perplexity is an evaluation metric
+            self.metrics[f"{stage}_"]["perplexity"].update(outputs, weight=self.loss_tokens(batch))
 
-    def on_validation_epoch_start(self) -> None:
-        # Perplexity adds to its state in place: a state last reset under `trainer.validate`'s inference mode
-        # cannot be updated in `fit`'s validation (plain no_grad). Fresh states in the current mode avoid that.
-        self.metrics["val_"].reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.metrics["test_"].reset()
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor] | None:
+        metric = self.metrics[f"{stage}_"]["perplexity"]
+        return {f"{stage}/perplexity": metric.compute()} if metric.update_count else None
 
 
 def load_text_file(path: Path) -> Any:
@@ -286,21 +277,25 @@ class LanguageModelingDataModule(TextDataModule):
         """Masks an evaluation split once (seeded): the same masked positions every epoch and every run."""
         from transformers import DataCollatorForLanguageModeling
 
-        collator = self._lm_collator(DataCollatorForLanguageModeling, seed=self.seed)
+        # Seeded through torch's global generator, not the collator's `seed`: the collator refuses a seed in any
+        # process but the main one (DDP workers started by ddp_spawn / ddp_fork), which must mask the same way.
+        collator = self._lm_collator(DataCollatorForLanguageModeling)
 
         def mask(row: dict[str, Any]) -> dict[str, Any]:
             batch = collator([row])
             return {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()}
 
         keep = ("input_ids", "attention_mask", "labels")
-        ds = ds.map(mask, desc="Masking evaluation tokens")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            ds = ds.map(mask, desc="Masking evaluation tokens", load_from_cache_file=False)  # the seed is not in its hash
         return ds.remove_columns([c for c in ds.column_names if c not in keep])
 
     # --- batches --------------------------------------------------------------------------------------------
-    def _lm_collator(self, cls: Any, seed: int | None = None) -> Any:
+    def _lm_collator(self, cls: Any) -> Any:
         try:
             return cls(self.tokenizer, mlm=self.objective == "mlm", mlm_probability=self.mlm_probability,
-                       whole_word_mask=self.whole_word_mask, seed=seed, return_tensors="pt")
+                       whole_word_mask=self.whole_word_mask, return_tensors="pt")
         except ValueError as err:
             raise PtftError(str(err).splitlines()[0]) from err
 

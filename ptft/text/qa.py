@@ -147,19 +147,12 @@ class QuestionAnswerer(HFModule, FineTuneModule):
                   for i, gold in enumerate(batch["answers"])]
         self.metrics[f"{stage}_"]["squad"].update(preds, target)
 
-    def _log_squad(self, stage: str) -> None:
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor] | None:
+        """``exact_match`` and ``f1`` over every rank's examples (torchmetrics syncs the sums)."""
         metric = self.metrics[f"{stage}_"]["squad"]
-        if metric.update_count:  # computes over all ranks' examples (torchmetrics syncs the sums)
-            values = metric.compute()
-            self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        with torch.inference_mode(False):  # fresh states made under inference mode could not be updated outside it
-            metric.reset()
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_squad("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_squad("test")
+        if not metric.update_count:
+            return None
+        return {f"{stage}/{k}": v for k, v in metric.compute().items()}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """The answer text and its probability for each example of the batch."""

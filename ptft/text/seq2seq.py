@@ -187,10 +187,12 @@ class Seq2SeqGenerator(HFModule, FineTuneModule):
             # SacreBLEU / chrF take several references per example; ROUGE one string (or a list) each.
             metric.update(outputs, [[r] for r in references] if name != "rouge" else list(references))
 
-    def _log_generation_metrics(self, stage: str) -> None:
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor] | None:
+        """The generation scores of every rank's examples (torchmetrics syncs the states); ``None`` when no step
+        generated (``generate_every_n_epochs``)."""
         metrics = self.metrics[f"{stage}_"] if self.metric_names else None
         if metrics is None or not any(m.update_called for m in metrics.values()):
-            return
+            return None
         values: dict[str, torch.Tensor] = {}
         for name, metric in metrics.items(keep_base=True):
             result = metric.compute()
@@ -198,15 +200,7 @@ class Seq2SeqGenerator(HFModule, FineTuneModule):
                 values.update({f"{stage}/{key}": result[f"{key}_fmeasure"] for key in ROUGE_KEYS})
             else:
                 values[f"{stage}/{MONITORS[name]}"] = result
-        with torch.inference_mode(False):  # fresh states usable by a later fit's validation
-            metrics.reset()
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_generation_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_generation_metrics("test")
+        return values
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """The source text and the generated text of each example."""

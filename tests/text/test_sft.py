@@ -214,13 +214,13 @@ def test_learns_to_answer_and_predicts(chat_model, chat_files, tmp_path, caplog)
     after = fit.validate(model, dm, verbose=False)[0]
     acc_after = accuracy()
     print(f"reply accuracy {acc_before:.2f} -> {acc_after:.2f}, val/loss {before['val/loss']:.3f} -> "
-          f"{after['val/loss']:.3f}, val/ppl {before['val/ppl']:.1f} -> {after['val/ppl']:.2f}")
+          f"{after['val/loss']:.3f}, val/perplexity {before['val/perplexity']:.1f} -> {after['val/perplexity']:.2f}")
     assert acc_before <= 0.2 and acc_after >= 0.8
     assert after["val/loss"] < 0.5 * before["val/loss"]
     key, columns, data = logger.tables[-1]
     assert key == "val/samples" and columns == ["step", "prompt", "reply", "reference"] and len(data) == 16
 
-    # val/ppl is exp of the mean negative log-likelihood over all reply tokens
+    # val/perplexity is exp of the mean negative log-likelihood over all reply tokens
     nll, count = 0.0, 0
     with torch.no_grad():
         for batch in dm.val_dataloader():
@@ -228,7 +228,7 @@ def test_learns_to_answer_and_predicts(chat_model, chat_files, tmp_path, caplog)
             labels = batch["labels"][:, 1:]
             nll += torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
             count += int((labels != -100).sum())
-    assert after["val/ppl"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert after["val/perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
 
     # predict: prompts of different lengths, left-padded in one batch, give the replies they get one by one
     rng = random.Random(5)
@@ -271,7 +271,7 @@ def test_recipe_trains_two_steps(recipe, run_recipe, chat_model, chat_files):
                               "--data.init_args.batch_size=4", "--trainer.val_check_interval=2",
                               "--model.init_args.sample_max_new_tokens=3"])
     assert cli.trainer.global_step == 2
-    assert len(cli.model.samples) == 2 and "val/ppl" in cli.trainer.callback_metrics  # validated once, with samples
+    assert len(cli.model.samples) == 2 and "val/perplexity" in cli.trainer.callback_metrics  # validated once, with samples
     trainable = [n for n, p in cli.model.model.named_parameters() if p.requires_grad]
     if "lora" in recipe:
         assert trainable and all("lora_" in n for n in trainable)
