@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ptft.core.errors import PtftError
+
 # Repeated blocks of Hugging Face models: bert.encoder.layer.3, gpt2 h.3, t5 block.3, bart/llama layers.3, vit blocks.3
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
@@ -45,12 +47,28 @@ def timm_layer_ids(model: nn.Module) -> dict[str, int]:
     """Layer index per parameter of a timm model, from the model's own ``group_matcher`` (fine-grained).
 
     Unmatched parameters (the head, a final norm) take the top index, as in timm's ``param_groups_layer_decay``.
+    A model without ``group_matcher`` gets timm's own fallback, ``auto_group_layers`` (parameters in registration
+    order, 12 per layer, the classifier on top), with a warning: its layers are chunks, not the model's blocks.
+    A model whose parameters form a single layer (nothing to decay or unfreeze by depth) stops with one line.
     """
     from timm.models import group_parameters
 
-    if not hasattr(model, "group_matcher"):
-        return {name: 0 for name, _ in model.named_parameters()}
-    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    if hasattr(model, "group_matcher"):
+        return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    from lightning.pytorch.utilities import rank_zero_warn
+    from timm.optim import auto_group_layers
+
+    ids = auto_group_layers(model)
+    if len(set(ids.values())) < 2:
+        raise PtftError(
+            f"{type(model).__name__} has no group_matcher and its parameters form a single layer: layer-wise decay, "
+            "head learning rates and freezing by depth cannot apply; use a timm model with group_matcher"
+        )
+    rank_zero_warn(
+        f"{type(model).__name__} has no group_matcher: using timm's auto_group_layers, {max(ids.values())} layers "
+        "of 12 parameters each in registration order (the classifier on top); check them with ptft inspect-layers"
+    )
+    return ids
 
 
 def describe_layers(model: nn.Module, layer_ids: dict[str, int], groups: list[dict] | None = None) -> str:

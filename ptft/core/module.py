@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import io
 import random
 from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
@@ -24,6 +25,7 @@ from ptft.core.optim import (
     build_optimizer,
     build_param_groups,
     build_scheduler,
+    model_no_weight_decay,
     no_weight_decay,
 )
 from ptft.core.peft import PeftConfig, apply_peft, plain_name
@@ -264,6 +266,7 @@ class FineTuneModule(L.LightningModule):
             num_layers=max(layers.values(), default=0),
             layer_decay=cfg.layer_decay,
             head_lr=cfg.head_lr,
+            skip_weight_decay=model_no_weight_decay(self.model),
         )
 
     def configure_optimizers(self) -> Any:
@@ -309,9 +312,13 @@ class FineTuneModule(L.LightningModule):
         # Dropout and augmentation draw from these: a resumed run continues the same random streams, on every rank.
         states = rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank saves; rank 0's file keeps them all. Sent as torch.save bytes: all_gather_object's own
+            # unpickler fails on tensor storages (torch 2.14: "UntypedStorage has no attribute dtype").
+            buffer = io.BytesIO()
+            torch.save(states, buffer)
             every_rank: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(every_rank, states)  # every rank saves; rank 0's file keeps them all
-            checkpoint["rng_states_per_rank"] = every_rank
+            torch.distributed.all_gather_object(every_rank, buffer.getvalue())
+            checkpoint["rng_states_per_rank"] = [torch.load(io.BytesIO(b), weights_only=True) for b in every_rank]
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,9 +3,11 @@
 import re
 
 import pytest
+from torch import nn
 
-from ptft.core import OptimizerConfig
-from ptft.core.layers import describe_layers
+from ptft.core import OptimizerConfig, PtftError
+from ptft.core.layers import describe_layers, timm_layer_ids
+from ptft.core.optim import model_no_weight_decay
 from ptft.text import TextClassifier
 from ptft.vision import ImageClassifier
 
@@ -77,3 +79,42 @@ def test_describe_layers_lists_every_layer(tiny_bert):
     assert [int(r.split()[0]) for r in rows] == [0, 1, 2, 3]
     assert "bert.embeddings" in rows[0] and "classifier" in rows[3]
     assert f"{LR:.2e}" in rows[3] and f"{LR * DECAY ** 3:.2e}" in rows[0]
+
+
+class _NoMatcher(nn.Module):
+    """A timm-style model without ``group_matcher``: 15 weight tensors in a trunk, then the classifier ``fc``."""
+
+    pretrained_cfg = {"classifier": "fc"}
+
+    def __init__(self, blocks: int = 15) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(*[nn.Linear(2, 2, bias=False) for _ in range(blocks)])
+        self.fc = nn.Linear(2, 3)
+
+
+def test_timm_model_without_group_matcher_uses_timms_auto_grouping():
+    """Before: every parameter in layer 0, so layer decay did nothing and LinearProbe trained everything."""
+    model = _NoMatcher()
+    with pytest.warns(UserWarning, match="no group_matcher"):
+        ids = timm_layer_ids(model)
+    assert [ids[f"trunk.{i}.weight"] for i in range(15)] == [0] * 12 + [1] * 3  # timm: 12 parameters per layer
+    assert ids["fc.weight"] == ids["fc.bias"] == 2  # the classifier on top
+
+
+def test_timm_model_with_a_single_layer_stops_with_one_line():
+    model = _NoMatcher(blocks=0)
+    model.pretrained_cfg = {"classifier": None}  # nothing identifies a head: everything is one group
+    with pytest.raises(PtftError, match="single layer"):
+        timm_layer_ids(model)
+
+
+def test_timm_no_weight_decay_names_get_no_decay():
+    """timm's ``no_weight_decay()`` (pos_embed, cls_token) is honoured, also through a wrapper's prefix."""
+    module = ImageClassifier("test_vit", pretrained=False, optimizer=OptimizerConfig(lr=LR, weight_decay=0.05))
+    assert {"pos_embed", "cls_token"} <= set(module.model.no_weight_decay())
+    decay = {n: g["weight_decay"] for g in module.param_groups() for n in g["names"]}
+    assert decay["pos_embed"] == decay["cls_token"] == 0.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05
+    wrapper = nn.Module()
+    wrapper.backbone = module.model
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= model_no_weight_decay(wrapper)
