@@ -5,7 +5,7 @@ left out) that every vision fine-tuning module loads with ``pretrained_file``::
 
     ptft fit --config recipes/vision/simclr.yaml
     ptft export runs/simclr/version_0/checkpoints/<last>.ckpt backbone/          # SimCLR: the backbone only
-    python -m ptft.vision.pretrain runs/.../<best>.ckpt backbone/                 # any vision checkpoint, head dropped
+    ptft export --backbone runs/.../<best>.ckpt backbone/                       # any vision checkpoint, head dropped
     ptft fit --config recipes/vision/cifar10.yaml --model.init_args.model_name=resnet18 \\
         --model.init_args.pretrained_file=backbone/model.safetensors
 """
@@ -186,16 +186,34 @@ class ContrastiveNet(nn.Module):
         return self.projector(self.backbone(pixel_values))
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent (SimCLR): each of the 2N views must pick its partner among the other 2N-1 views.
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    all_z1: torch.Tensor | None = None,
+    all_z2: torch.Tensor | None = None,
+    rank: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent (SimCLR): each of the 2N views must pick its partner among the other views.
 
-    Returns the mean loss and, per view, whether its nearest other view is its partner (positive-pair top-1).
+    ``z1`` / ``z2`` are this process's ``(N, D)`` projections of the first and second views. Under DDP, ``all_z1`` /
+    ``all_z2`` are every process's, ``(world_size * N, D)`` in rank order, gathered with their gradients: this
+    process's 2N views then pick their partners among all 2·world_size·N - 1 others, and the mean of the processes'
+    losses is the loss of one process on the whole batch (as are the gradients DDP averages).
+
+    Returns the mean loss over this process's views and, per view, whether its nearest other view is its partner
+    (positive-pair top-1).
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))  # a view is not its own positive
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    keys1, keys2 = (z1, z2) if all_z1 is None or all_z2 is None else (all_z1, all_z2)
+    total = keys1.shape[0]
+    queries = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    keys = F.normalize(torch.cat([keys1, keys2]).float(), dim=1)
+    logits = queries @ keys.T / temperature
+    local = torch.arange(n, device=queries.device) + rank * n  # this process's images among all of them
+    own = torch.cat([local, local + total])
+    logits[torch.arange(2 * n, device=queries.device), own] = float("-inf")  # a view is not its own positive
+    targets = torch.cat([local + total, local])
     return F.cross_entropy(logits, targets), (logits.argmax(dim=1) == targets).float()
 
 
@@ -203,9 +221,12 @@ class SimCLR(FineTuneModule):
     """Self-supervised contrastive pre-training (SimCLR, Chen et al., 2020) of any timm backbone.
 
     Two augmented views of each image pass through the backbone and a projection head; NT-Xent pulls the two views
-    together and pushes the other 2N-2 views of the batch apart. ``val/pos_acc`` is the fraction of views whose
-    nearest neighbour in the batch is their partner (chance: 1 / (2N-1)), a cheap proxy for representation quality.
-    ``ptft export`` writes the backbone alone (no projection head) for fine-tuning with ``pretrained_file``.
+    together and pushes the other 2N-2 views of the batch apart. Under DDP the batch is every device's: the views are
+    gathered with their gradients, so 2 devices × N images train as 1 device with 2N. (BatchNorm statistics stay per
+    device; SimCLR's global BatchNorm is ``trainer.sync_batchnorm=true`` on GPUs.) ``val/pos_acc`` is the fraction
+    of views whose nearest neighbour in the batch is their partner (chance: 1 / (2N-1)), a cheap proxy for
+    representation quality. ``ptft export`` writes the backbone alone (no projection head) for fine-tuning with
+    ``pretrained_file``; ``ptft export --backbone`` does the same from a checkpoint.
 
     Args:
         model_name: timm model name (``resnet50``, ``vit_small_patch16_224``…); its pooled features are projected.
@@ -262,12 +283,19 @@ class SimCLR(FineTuneModule):
         n = views.shape[0]
         # One pass over both views: BatchNorm sees the whole 2N batch, as in SimCLR.
         z = self.model(views.transpose(0, 1).flatten(0, 1))
-        loss, correct = nt_xent(z[:n], z[n:], self.temperature)
-        return loss, correct
+        z1, z2 = z[:n], z[n:]
+        world = 1 if self._trainer is None else self.trainer.world_size
+        if world == 1:
+            return nt_xent(z1, z2, self.temperature)
+        # Negatives from every process, as on one device with the whole batch. The gather keeps the gradient (a plain
+        # all_gather would cut it); every rank's batch has the same size (Lightning's distributed samplers pad).
+        all_z1, all_z2 = (self.all_gather(z_, sync_grads=True).flatten(0, 1) for z_ in (z1, z2))
+        return nt_xent(z1, z2, self.temperature, all_z1, all_z2, rank=self.global_rank)
 
     def update_metrics(self, stage: str, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
-        # A plain mean that Lightning averages over the epoch, weighted by views.
-        self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0])
+        # A plain mean that Lightning averages over the epoch, weighted by views; over every rank for val / test.
+        self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0],
+                 sync_dist=stage != "train")
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["projector"]
@@ -313,29 +341,3 @@ def export_backbone(checkpoint: str, folder: str) -> Path:
     if not hasattr(backbone, "reset_classifier"):
         raise PtftError(f"{checkpoint} holds a {type(module).__name__}, not a timm image model")
     return save_backbone(backbone, folder)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ptft.vision.pretrain CKPT FOLDER``: the backbone of a vision checkpoint, head dropped."""
-    import argparse
-    import sys
-
-    from ptft.core.errors import find_user_error
-
-    parser = argparse.ArgumentParser(prog="python -m ptft.vision.pretrain", description=main.__doc__)
-    parser.add_argument("ckpt_path", help="a ptft checkpoint of SimCLR or ImageClassifier")
-    parser.add_argument("output", help="folder to write (model.safetensors + config.json)")
-    args = parser.parse_args(argv)
-    try:
-        path = export_backbone(args.ckpt_path, args.output)
-    except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"backbone written to {path}; fine-tune with --model.init_args.pretrained_file={path}")
-
-
-if __name__ == "__main__":
-    main()

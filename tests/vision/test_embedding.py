@@ -134,6 +134,16 @@ def test_retrieval_metrics_match_a_reference_computation():
     for k in (1, 5):
         hits = [(labels[sims[i].topk(k).indices] == labels[i]).any() for i in range(1, 40)]
         assert result[f"recall@{k}"] == pytest.approx(float(torch.stack(hits).float().mean()))
+    # pytorch-metric-learning's AccuracyCalculator: precision@1 is recall@1 (queries with another image of their identity).
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calculator = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(CosineSimilarity()))
+    pml = calculator.get_accuracy(emb[1:], labels[1:], ref_includes_query=True)["precision_at_1"]
+    only_pairs = RetrievalMetrics()
+    only_pairs.update(emb[1:], labels[1:])
+    assert float(only_pairs.compute()["recall@1"]) == pytest.approx(pml, abs=1e-6)
     i, j = torch.triu_indices(40, 40, 1)
     auc = roc_auc_score((labels[i] == labels[j]).numpy(), (emb[i] * emb[j]).sum(-1).numpy())
     assert result["auroc"] == pytest.approx(auc, abs=1e-5) and 0.5 < auc < 1
@@ -143,6 +153,46 @@ def test_retrieval_metrics_match_a_reference_computation():
     left, right = sampled._pairs(labels)
     assert len(left) == 600 and (labels[left[:300]] == labels[right[:300]]).all() and (left != right).all()
     assert float(sampled.compute()["auroc"]) == pytest.approx(auc, abs=0.03)
+
+
+def test_retrieval_metrics_drop_repeated_examples_and_keep_dataset_order():
+    """What a DDP evaluation sampler does (examples padded with repeats, ranks interleaved) changes no score."""
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (21,), generator=g)
+    emb = F.normalize(torch.randn(21, 8, generator=g) + F.one_hot(labels, 8).float(), dim=-1)
+    reference = RetrievalMetrics(max_pairs=100)  # sampled pairs: the order of the examples matters
+    reference.update(emb, labels, torch.arange(21))
+    shuffled = RetrievalMetrics(max_pairs=100)
+    order = torch.cat([torch.arange(0, 21, 2), torch.arange(1, 21, 2), torch.tensor([0])])  # 2 ranks, index 0 padded
+    shuffled.update(emb[order], labels[order], order)
+    expected, got = reference.compute(), shuffled.compute()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, msg=key)
+    repeated = RetrievalMetrics(max_pairs=100)  # without indices: the repeat is scored as another image
+    repeated.update(emb[order], labels[order])
+    assert not torch.equal(repeated.compute()["auroc"], expected["auroc"])
+
+
+def test_retrieval_metrics_on_two_processes_equal_one_process(tmp_path, faces):
+    """trainer.validate on 2 processes (gloo) and on 1: the same epoch values, with 47 images (the sampler repeats
+    one so that both ranks get 24)."""
+    from helpers import trainer
+
+    from ptft.vision.embedding import ImageEmbeddingDataModule
+
+    (Path(faces["val"]) / "red-square" / "000.png").unlink()
+    torch.manual_seed(0)
+    model = ImageEmbedder("test_resnet", pretrained=False, embedding_size=16, num_labels=8)
+    data = ImageEmbeddingDataModule(train=faces["train"], val=faces["val"], image_size=32, batch_size=8,
+                                    eval_batch_size=6, num_workers=0)
+    data.connect(model)
+    single = trainer(tmp_path).validate(model, data, verbose=False)[0]
+    ddp = trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(model, data, verbose=False)[0]
+    keys = {"val/recall@1", "val/recall@5", "val/auroc", "val/tar@far0.01"}
+    assert keys <= set(single) and keys <= set(ddp)
+    for key in keys:
+        assert ddp[key] == pytest.approx(single[key], abs=1e-6), (key, ddp[key], single[key])
+    assert 0.2 < single["val/auroc"] < 0.99  # neither degenerate: a random network, colours already group a little
 
 
 def test_recipes_run_predict_writes_unit_embeddings_and_export_loads_in_timm(run_recipe, run_cli, faces, tmp_path):

@@ -11,20 +11,22 @@ from ptft.cli import main as ptft_main
 from ptft.core.errors import PtftError
 from ptft.vision import ImageClassifier
 from ptft.vision.pretrain import SimCLR, UnlabeledImageDataModule, nt_xent
-from ptft.vision.pretrain import main as export_main
 
 TINY = "test_resnet"
 
 
-def write_patterns(root: Path, n: int, size: int = 32, seed: int = 0) -> str:
-    """A flat folder of ``n`` distinct images: random 4x4 colour grids (each image its own instance)."""
+def write_patterns(root: Path, n: int, size: int = 32, seed: int = 0, mirrored: bool = False) -> str:
+    """A flat folder of ``n`` distinct images: random 4x4 colour grids (each image its own instance); ``mirrored``
+    grids are left-right symmetric, so that a horizontal flip leaves them unchanged."""
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     for i in range(n):
-        grid = torch.randint(0, 256, (4, 4, 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(grid).resize((size, size), Image.NEAREST).save(root / f"{i:03d}.png")
+        grid = torch.randint(0, 256, (4, 4, 3), generator=g, dtype=torch.uint8)
+        if mirrored:
+            grid = torch.cat([grid[:, :2], grid[:, :2].flip(1)], dim=1)
+        Image.fromarray(grid.numpy()).resize((size, size), Image.NEAREST).save(root / f"{i:03d}.png")
     return str(root)
 
 
@@ -51,6 +53,60 @@ def test_nt_xent_matches_a_reference():
         expected.append(torch.logsumexp(others, 0) - sim[i, j])
     torch.testing.assert_close(loss, torch.stack(expected).mean())
     assert correct.shape == (8,)
+
+
+def test_nt_xent_of_one_rank_among_gathered_views_is_its_share_of_the_whole_batch():
+    """The loss of rank r's views against every rank's views, averaged over the ranks, is the one-process loss."""
+    z1, z2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    whole, correct = nt_xent(z1, z2, 0.3)
+    shares = [nt_xent(z1[r * 3 : (r + 1) * 3], z2[r * 3 : (r + 1) * 3], 0.3, z1, z2, rank=r) for r in (0, 1)]
+    torch.testing.assert_close((shares[0][0] + shares[1][0]) / 2, whole)
+    torch.testing.assert_close(torch.cat([torch.cat([c[:3], c[3:]]) for _, c in shares]).sum(), correct.sum())
+    assert not torch.allclose(nt_xent(z1[:3], z2[:3], 0.3)[0], shares[0][0])  # local negatives only: another loss
+
+
+def simclr_run(tmp_path: Path, name: str, images: str, val: str, batch_size: int, devices: int, model: SimCLR):
+    """One SGD step on the whole training folder (one batch across all devices), then validation. BatchNorm layers
+    are kept in eval mode (per-device batch statistics would differ from one device's, SyncBatchNorm needs a GPU),
+    and the augmentation leaves the mirrored images unchanged: both runs see the same views."""
+    from helpers import SaveRankWeights, trainer
+
+    from ptft.core.freezing import FreezeSchedule
+
+    folder = tmp_path / name
+    folder.mkdir()
+    data = UnlabeledImageDataModule(train=images, val=val, image_size=32, batch_size=batch_size, num_workers=0,
+                                    scale=(1.0, 1.0), color_jitter=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    run = trainer(folder, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
+                  callbacks=[FreezeSchedule(freeze_bn="all"), SaveRankWeights(str(folder))])
+    run.fit(model, data)
+    return {k: float(v) for k, v in run.callback_metrics.items()}, folder
+
+
+def test_simclr_under_ddp_takes_negatives_from_every_rank(tmp_path):
+    """2 processes x 4 images give the loss and the weight update of 1 process with the 8 images (gloo, CPU)."""
+    import copy
+
+    from helpers import weights
+
+    images = write_patterns(tmp_path / "train", 8, mirrored=True)
+    val = write_patterns(tmp_path / "val", 8, seed=1, mirrored=True)
+    torch.manual_seed(0)
+    model = SimCLR(TINY, temperature=0.5, optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0},
+                   scheduler={"name": "constant", "warmup_ratio": 0.0})
+    start = weights(model.model)
+    single, one = simclr_run(tmp_path, "single", images, val, 8, 1, copy.deepcopy(model))
+    ddp, two = simclr_run(tmp_path, "ddp", images, val, 4, 2, copy.deepcopy(model))
+    # val/loss: each rank's 4 images against all 8; the logged value is the mean over ranks.
+    assert abs(ddp["val/loss"] - single["val/loss"]) < 1e-5, (ddp, single)
+    assert abs(ddp["val/pos_acc"] - single["val/pos_acc"]) < 1e-6
+    expected = torch.load(one / "rank0.pt")
+    for rank in (0, 1):
+        got = torch.load(two / f"rank{rank}.pt")
+        for name in ("backbone.conv1.0.weight", "projector.0.weight", "projector.3.weight"):
+            step, expected_step = got[name] - start[name], expected[name] - start[name]
+            assert expected_step.abs().max() > 1e-4, name  # the step moved the weights: gradients flowed
+            torch.testing.assert_close(step, expected_step, rtol=1e-3, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
 def test_simclr_learns_to_find_the_other_view(tmp_path):
@@ -162,8 +218,8 @@ def test_supervised_pretrain_recipe_exports_a_backbone(run_recipe, tmp_path, cap
     ])
     pretrained = cli.model.model.state_dict()
     ckpt = str(next(tmp_path.rglob("last.ckpt")))
-    export_main([ckpt, str(tmp_path / "backbone")])  # classifier dropped
-    assert "fine-tune with --model.init_args.pretrained_file=" in capsys.readouterr().out
+    ptft_main(["export", "--backbone", ckpt, str(tmp_path / "backbone")])  # classifier dropped
+    assert f"backbone written to {tmp_path / 'backbone' / 'model.safetensors'}" in capsys.readouterr().out
     ptft_main(["export", ckpt, str(tmp_path / "full")])  # classifier kept (3 classes)
     for folder in ("backbone", "full"):
         torch.manual_seed(1)
@@ -175,5 +231,6 @@ def test_supervised_pretrain_recipe_exports_a_backbone(run_recipe, tmp_path, cap
                 torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=f"{folder}: {name}")
         assert not torch.equal(loaded["fc.weight"], pretrained["fc.weight"])
     with pytest.raises(SystemExit):  # one-line error, no traceback
-        export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
-    assert "does not exist" in capsys.readouterr().err
+        ptft_main(["export", "--backbone", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert "missing.ckpt' does not exist" in err and "\n" not in err
