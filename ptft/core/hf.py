@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from ptft.core.errors import PtftError
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids
 
@@ -78,11 +79,50 @@ class HFModule:
         return hf_layer_ids(model, lambda name: name.startswith(heads))
 
     def save_model(self, model: nn.Module, folder: str) -> None:
-        """``save_pretrained`` (safetensors) plus the tokenizer / processor, so the folder is a ``model_name`` again."""
+        """``save_pretrained`` (safetensors) plus the tokenizer / processor, so the folder is a ``model_name`` again.
+
+        The tokenizer or processor comes from the trainer's data module when one is attached, else from
+        ``model_name``, else from the data's ``tokenizer`` setting saved in the checkpoint (a model built from a
+        config has none of its own). Without any, text modules (``needs_processor``) stop before writing: a folder
+        without its tokenizer cannot be fed text nor fine-tuned further by name.
+        """
+        processor = self.find_processor()
+        if processor is None and self.needs_processor:
+            tried = " or ".join(repr(n) for n in self._processor_sources())
+            raise PtftError(
+                f"cannot export: no tokenizer found at {tried} (a model built from a config has none); set "
+                "data.init_args.tokenizer when training, or copy one in after saving the weights: "
+                "AutoTokenizer.from_pretrained(NAME).save_pretrained(FOLDER)"
+            )
+        model.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        else:
+            rank_zero_warn(f"no tokenizer or processor found for {self.model_name!r}: {folder} holds the model only")
+
+    #: Whether an export without a tokenizer / processor is refused (text: yes; vision models can be fed pixels).
+    needs_processor: bool = False
+
+    def _processor_sources(self) -> list[str]:
+        names = [self.model_name, getattr(self, "_data_tokenizer", None)]
+        return [n for n in dict.fromkeys(names) if n]
+
+    def find_processor(self) -> Any:
+        """The data module's tokenizer / processor, or one loaded from :meth:`_processor_sources`; ``None`` if none."""
         from transformers import AutoProcessor
 
-        model.save_pretrained(folder)
-        try:  # the tokenizer for text models, the image processor (or a multimodal processor) otherwise
-            AutoProcessor.from_pretrained(resolve_model_name(self.model_name)).save_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            rank_zero_warn(f"no tokenizer or processor found for {self.model_name!r}: {folder} holds the model only")
+        trainer = getattr(self, "_trainer", None)
+        attached = getattr(getattr(trainer, "datamodule", None), "tokenizer", None) if trainer is not None else None
+        if attached is not None:
+            return attached
+        for name in self._processor_sources():
+            try:  # the tokenizer for text models, the image processor (or a multimodal processor) otherwise
+                return AutoProcessor.from_pretrained(resolve_model_name(name))
+            except (OSError, ValueError, TypeError):
+                continue
+        return None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The data's tokenizer, when the model has none (built from a config): what export saves with the weights.
+        self._data_tokenizer = (checkpoint.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+        super().on_load_checkpoint(checkpoint)

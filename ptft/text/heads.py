@@ -56,6 +56,8 @@ class SequenceHead(nn.Module):
     def __init__(self, kind: str, hidden_size: int, num_labels: int, dropout: float = 0.1, rnn_size: int | None = None) -> None:
         super().__init__()
         self.kind = kind
+        self.settings = {"kind": kind, "hidden_size": hidden_size, "num_labels": num_labels, "dropout": dropout,
+                         "rnn_size": rnn_size}  # what ptft_head.json stores to rebuild the head
         size = hidden_size
         if kind in ("lstm", "gru"):
             self.rnn = Recurrent(kind, hidden_size, rnn_size or max(hidden_size // 2, 1))
@@ -95,6 +97,8 @@ class TokenHead(nn.Module):
         if kind not in ("lstm", "gru"):
             raise ValueError(f"unknown token head {kind!r}")
         self.kind = kind
+        self.settings = {"kind": kind, "hidden_size": hidden_size, "num_labels": num_labels, "dropout": dropout,
+                         "rnn_size": rnn_size}
         self.rnn = Recurrent(kind, hidden_size, rnn_size or max(hidden_size // 2, 1))
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(self.rnn.output_size, num_labels)
@@ -107,8 +111,15 @@ class EncoderWithHead(nn.Module):
     """A bare Hugging Face encoder (``AutoModel``) with a ptft head on its last hidden states.
 
     ``forward`` takes the tokenizer's tensors and returns the head's logits. ``save_pretrained`` writes the encoder
-    as Hugging Face does and the head beside it (``ptft_head.safetensors`` + ``ptft_head.json``).
+    as Hugging Face does and the head beside it (``ptft_head.safetensors``, and ``ptft_head.json`` with the head's
+    settings); :meth:`from_pretrained` loads such a folder back::
+
+        model = EncoderWithHead.from_pretrained("exported/")  # logits = model(**tokenizer(texts, return_tensors="pt"))
+
+    transformers alone cannot: its ``AutoModelFor…`` classes have no mean / attention / RNN head.
     """
+
+    HEADS = {"SequenceHead": SequenceHead, "TokenHead": TokenHead}
 
     def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -130,5 +141,16 @@ class EncoderWithHead(nn.Module):
 
         self.encoder.save_pretrained(folder, **kwargs)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, str(Path(folder) / "ptft_head.safetensors"))
-        description = {"head": type(self.head).__name__, "kind": getattr(self.head, "kind", None)}
+        description = {"head": type(self.head).__name__, **self.head.settings}
         (Path(folder) / "ptft_head.json").write_text(json.dumps(description, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> EncoderWithHead:
+        """The model :meth:`save_pretrained` wrote to ``folder``, in eval mode (``kwargs`` go to ``AutoModel``)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        settings = json.loads((Path(folder) / "ptft_head.json").read_text())
+        head = cls.HEADS[settings.pop("head")](**settings)
+        head.load_state_dict(load_file(str(Path(folder) / "ptft_head.safetensors")))
+        return cls(AutoModel.from_pretrained(folder, **kwargs), head).eval()

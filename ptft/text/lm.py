@@ -56,6 +56,8 @@ class LanguageModel(TokenMeanLoss, HFModule, FineTuneModule):
             ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     checkpoint_monitor = ("val/loss", "min")
 
     def __init__(

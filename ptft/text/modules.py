@@ -38,6 +38,8 @@ class TextClassifier(HFModule, ClassificationModule):
             ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     def __init__(
         self,
         model_name: str,

@@ -93,6 +93,8 @@ class QuestionAnswerer(HFModule, FineTuneModule):
             ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     checkpoint_monitor = ("val/f1", "max")
 
     def __init__(

@@ -76,6 +76,8 @@ class Seq2SeqGenerator(HFModule, FineTuneModule):
             ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     #: The LM head is pretrained (usually tied to the embeddings): not a new head with its own learning rate.
     pretrained_heads = ("lm_head",)
 

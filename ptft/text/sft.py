@@ -46,6 +46,8 @@ class ChatFineTuner(TokenMeanLoss, HFModule, FineTuneModule):
             ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     #: The language-model head is pretrained (and often tied to the embeddings): not a new head.
     pretrained_heads = ("lm_head",)
 

@@ -61,6 +61,8 @@ class TokenClassifier(HFModule, ClassificationModule):
             ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
+    needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
+
     checkpoint_monitor = ("val/f1", "max")
 
     def __init__(
