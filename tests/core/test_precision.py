@@ -1,0 +1,105 @@
+"""precision: auto — the decision from a measurement, its cache, one choice for every rank; and bf16 that learns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ptft.core import precision
+from ptft.core.precision import ENV, choose_precision, measure_bf16_speedup, probe_layers
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("PTFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(ENV, raising=False)
+
+
+def _fake_speed(monkeypatch, speedup: float) -> list[int]:
+    calls = []
+
+    def measured(layers, device, repeats=3):
+        calls.append(len(layers))
+        return speedup
+
+    monkeypatch.setattr(precision, "measure_bf16_speedup", measured)
+    return calls
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(1.85, "bf16-mixed"), (1.06, "32-true"), (0.2, "32-true")])
+def test_choice_follows_the_measured_speedup(monkeypatch, speedup, expected):
+    _fake_speed(monkeypatch, speedup)
+    choice = choose_precision(nn.Linear(16, 16), accelerator="cpu")
+    assert choice.precision == expected and choice.speedup == speedup
+    assert f"{speedup:.2f}x" in choice.reason
+
+
+def test_measured_once_per_machine_and_shapes(monkeypatch):
+    calls = _fake_speed(monkeypatch, 2.0)
+    first = choose_precision(nn.Linear(16, 32), accelerator="cpu")
+    monkeypatch.delenv(ENV)
+    assert choose_precision(nn.Linear(16, 32), accelerator="cpu") == first and len(calls) == 1  # cached
+    monkeypatch.delenv(ENV)
+    choose_precision(nn.Linear(64, 32), accelerator="cpu")  # other shapes: measured again
+    assert len(calls) == 2
+
+
+def test_processes_started_later_inherit_the_choice(monkeypatch):
+    """DDP ranks re-run the command: they take the launching process's choice instead of measuring again."""
+    calls = _fake_speed(monkeypatch, 2.0)
+    choice = choose_precision(None, accelerator="cpu", cache=False)
+    assert json.loads(precision.os.environ[ENV])["precision"] == "bf16-mixed"
+    _fake_speed(monkeypatch, 0.5)
+    assert choose_precision(None, accelerator="cpu", cache=False) == choice and calls == [2]
+
+
+def test_probe_layers_are_the_models_largest():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(32, 128), nn.Conv2d(3, 16, 3), nn.Linear(32, 128))
+    layers = probe_layers(model)
+    assert [type(m).__name__ for m in layers] == ["Linear", "Conv2d", "Linear"]
+    assert (layers[0].in_features, layers[0].out_features) == (32, 128)
+
+
+def test_speedup_is_measured_for_real():
+    ratio = measure_bf16_speedup([nn.Linear(32, 32)], torch.device("cpu"), repeats=1)
+    assert ratio > 0 and ratio != 1.0
+
+
+def _train(tmp_path, tiny_bert, text_files, precision_name: str) -> tuple[float, list[torch.dtype]]:
+    import lightning as L
+    from helpers import trainer
+
+    from ptft.core import OptimizerConfig
+    from ptft.text import TextClassificationDataModule, TextClassifier
+
+    class Dtypes(L.Callback):
+        seen: list[torch.dtype] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(outputs["loss"].dtype)
+
+    L.seed_everything(0)
+    model = TextClassifier(tiny_bert, head="attention", optimizer=OptimizerConfig(lr=1e-2))
+    data = TextClassificationDataModule(train_file=text_files["train"], val_file=text_files["val"], batch_size=16,
+                                        max_length=32)
+    data.connect(model)
+    model.num_labels, model.label_names = data.num_labels, data.label_names
+    dtypes = Dtypes()
+    run = trainer(tmp_path, max_epochs=8, deterministic=False, precision=precision_name, callbacks=[dtypes])
+    run.fit(model, data)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights, optimizer state, checkpoints in fp32
+    assert all(s["exp_avg"].dtype == torch.float32 for s in run.optimizers[0].state.values())
+    return float(run.callback_metrics["val/acc"]), dtypes.seen
+
+
+def test_bf16_mixed_learns_as_fp32(tmp_path, tiny_bert, text_files):
+    """CPU bf16 autocast: the loss stays fp32 and the tiny model (attention head: a softmax) learns the synthetic task as
+    in fp32, within 0.1 accuracy."""
+    fp32, _ = _train(tmp_path / "fp32", tiny_bert, text_files, "32-true")
+    bf16, loss_dtypes = _train(tmp_path / "bf16", tiny_bert, text_files, "bf16-mixed")
+    assert fp32 >= 0.9  # the task is learnt at all (chance: 0.5)
+    assert bf16 >= fp32 - 0.1
+    assert set(loss_dtypes) == {torch.float32}
