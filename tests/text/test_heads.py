@@ -52,4 +52,5 @@ def test_attention_head_runs_under_bf16_autocast():
     states, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = head(states, mask)
-    assert logits.shape == (2, 2) and torch.isfinite(logits.float()).all()
+    # the padded positions get no weight under bf16 either: close to the fp32 result (bf16 keeps ~3 digits)
+    torch.testing.assert_close(logits.float(), head(states, mask), rtol=0.05, atol=0.05)

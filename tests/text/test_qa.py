@@ -98,14 +98,14 @@ def test_squad_json_is_flattened_and_every_window_labels_the_answer_or_cls(tiny_
 
 def reference_answer(start, end, offsets, cls, n_best, max_len):
     """Brute force over every (start, end) pair of the n-best tokens inside the context."""
-    best = (float("-inf"), None)
+    best = (float("-inf"), None, None)
     inside = [k for k in range(len(start)) if offsets[k][0] >= 0]
     top_s = sorted(inside, key=lambda k: -start[k])[:n_best]
     top_e = sorted(inside, key=lambda k: -end[k])[:n_best]
     for s in top_s:
         for e in top_e:
             if s <= e < s + max_len and start[s] + end[e] > best[0]:
-                best = (start[s] + end[e], (offsets[s][0], offsets[e][1]))
+                best = (start[s] + end[e], (offsets[s][0], offsets[e][1]), (s, e))
     return best, start[cls] + end[cls]
 
 
@@ -129,9 +129,13 @@ def test_best_answers_match_a_brute_force_search_and_handle_no_answer():
             windows = [w for w in range(3) if batch["window_example"][w] == i]
             refs = [reference_answer(start[w].tolist(), end[w].tolist(), offsets[w].tolist(), 0, n_best, max_len)
                     for w in windows]
-            (_, span), _ = max(refs, key=lambda r: r[0][0])
+            w = max(range(len(refs)), key=lambda k: refs[k][0][0])
+            (_, span, tokens), _ = refs[w]
             assert text == (contexts[i][span[0]:span[1]] if span else "")
-            assert 0.0 <= score <= 1.0
+            # the span's probability: start x end softmax in the window it came from
+            s, e = tokens
+            expected = (start[windows[w]].softmax(-1)[s] * end[windows[w]].softmax(-1)[e]).item()
+            assert score == pytest.approx(expected, rel=1e-5)
 
     # No answer: the smallest null score (CLS start + end) over an example's windows against its best span.
     span_text = best_answers(start, end, batch)[0][0]

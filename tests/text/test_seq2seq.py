@@ -125,10 +125,15 @@ def test_encoding_prefix_labels_and_generation_switch(tiny_seq2seq, pair_files):
     assert batch["target_text"][0].count(" ") >= 2  # metrics score the full target text
     padded = next(iter(dm.train_dataloader()))["labels"]
     assert padded.shape[1] == 3 and batch["source_text"][0] in {r["source"] for r in pairs(32, seed=2)}
+    model.eval()
     loss, generated = model.step(batch, "val")
-    assert torch.isfinite(loss) and generated is None
+    logits = model(batch).logits
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten()))
+    assert generated is None
     _, generated = model.step(batch, "test")
-    assert len(generated) == 4 and all(isinstance(t, str) for t in generated)
+    # padding in a batch changes nothing: each source generates the same text alone
+    alone = [model.generate({k: batch[k][i : i + 1] for k in ("input_ids", "attention_mask")})[0] for i in range(4)]
+    assert generated == alone and len(generated) == 4
 
 
 def test_translation_recipe_trains_and_predicts(run_recipe, run_cli, tiny_seq2seq, pair_files, tmp_path):

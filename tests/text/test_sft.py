@@ -271,7 +271,9 @@ def test_recipe_trains_two_steps(recipe, run_recipe, chat_model, chat_files):
                               "--data.init_args.batch_size=4", "--trainer.val_check_interval=2",
                               "--model.init_args.sample_max_new_tokens=3"])
     assert cli.trainer.global_step == 2
-    assert len(cli.model.samples) == 2 and "val/perplexity" in cli.trainer.callback_metrics  # validated once, with samples
+    assert len(cli.model.samples) == 2  # validated once, with samples
+    logged = cli.trainer.callback_metrics
+    assert logged["val/perplexity"].item() == pytest.approx(math.exp(logged["val/loss"].item()), rel=1e-5)
     trainable = [n for n, p in cli.model.model.named_parameters() if p.requires_grad]
     if "lora" in recipe:
         assert trainable and all("lora_" in n for n in trainable)
