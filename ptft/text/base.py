@@ -1,5 +1,6 @@
-"""What every text data module shares: files or a Hugging Face dataset, column checks, the tokenizer, loaders.
+"""What every text data module shares: files or a Hugging Face dataset, column checks, the tokenizer.
 
+Splits, the held-out validation split, the seed and the loaders come from :class:`ptft.core.data.FineTuneDataModule`.
 A text task's data module subclasses :class:`TextDataModule` and implements :meth:`~TextDataModule.columns` (the
 columns each split needs), :meth:`~TextDataModule.encode` (a split's rows -> tokenised features) and
 :meth:`~TextDataModule.collate` (features -> a padded batch).
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from ptft.core.data import FineTuneDataModule, existing_path
 from ptft.core.errors import PtftError
@@ -135,8 +135,8 @@ class TextDataModule(FineTuneDataModule):
         max_length: Truncate inputs to this many tokens.
         batch_size: Training batch size.
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
-        val_fraction: Fraction of the training data held out for validation when none is given.
-        seed: Seed of the held-out split and of the batch order.
+        val_fraction: Fraction of the training rows held out for validation when none is given.
+        seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes (tokenisation happens once beforehand, so 0 is usually fastest).
     """
 
@@ -157,10 +157,10 @@ class TextDataModule(FineTuneDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
-        seed: int = 42,
+        seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, val_fraction)
         if dataset is None and all(f is None for f in (train_file, val_file, test_file, predict_file)):
             raise PtftError("give train_file (and optionally val_file / test_file) or a dataset name")
         self.sources = TextSources(
@@ -170,9 +170,7 @@ class TextDataModule(FineTuneDataModule):
         )
         self.tokenizer_name = tokenizer
         self.max_length = max_length
-        self.val_fraction = val_fraction
         self._raw: dict[str, Any] | None = None
-        self.datasets: dict[str, Any] = {}
         self.tokenizer: Any = None
 
     # --- task hooks -----------------------------------------------------------------------------------------
@@ -191,10 +189,6 @@ class TextDataModule(FineTuneDataModule):
     def collate(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         """Pads a list of encoded rows into a batch."""
         raise NotImplementedError
-
-    def train_lengths(self) -> list[int] | None:
-        """Per-row lengths of the training set for length-grouped batches, or ``None`` for plain shuffling."""
-        return None
 
     # --- raw data -------------------------------------------------------------------------------------------
     @property
@@ -230,39 +224,28 @@ class TextDataModule(FineTuneDataModule):
             self.tokenizer = tokenizer
         return self.tokenizer
 
+    # --- the base's hooks -----------------------------------------------------------------------------------
+    def load_split(self, split: str) -> Any:
+        """A split's loaded, renamed and checked rows; ``predict`` falls back to the test rows."""
+        raw = self.raw()
+        if split == "predict" and raw["predict"] is None:
+            return raw["test"]
+        return raw[split]
+
+    def build(self, split: str, rows: Any) -> Any:
+        return self.encode(rows, split)
+
+    def collate_fn(self) -> Any:
+        return self.collate
+
+    def source_hint(self, split: str) -> str:
+        return {
+            "train": "data.init_args.train_file (or dataset)",
+            "val": "data.init_args.val_file",
+            "test": "data.init_args.test_file (or test_split with a dataset)",
+            "predict": "data.init_args.predict_file",
+        }[split]
+
     def setup(self, stage: str) -> None:
         self.load_tokenizer()
-        raw = self.raw()
-        if stage == "validate" and raw["train"] is None and raw["val"] is not None and "val" not in self.datasets:
-            self.datasets["val"] = self.encode(raw["val"], "val")  # ptft validate with a val_file alone
-        if (stage == "fit" and "train" not in self.datasets) or (stage == "validate" and "val" not in self.datasets):
-            train, val = raw["train"], raw["val"]
-            if train is None:
-                raise PtftError("fitting needs train_file or a dataset")
-            if val is None:
-                parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
-                train, val = parts["train"], parts["test"]
-            self.datasets["train"] = self.encode(train, "train")
-            self.datasets["val"] = self.encode(val, "val")
-        if stage == "test" and "test" not in self.datasets:
-            if raw["test"] is None:
-                raise PtftError("testing needs test_file (or test_split with a dataset)")
-            self.datasets["test"] = self.encode(raw["test"], "test")
-        if stage == "predict" and "predict" not in self.datasets:
-            source = raw["predict"] if raw["predict"] is not None else raw["test"]
-            if source is None:
-                raise PtftError("predicting needs predict_file")
-            self.datasets["predict"] = self.encode(source, "predict")
-
-    # --- loaders --------------------------------------------------------------------------------------------
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["train"], train=True, collate_fn=self.collate, lengths=self.train_lengths())
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["val"], train=False, collate_fn=self.collate)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["test"], train=False, collate_fn=self.collate)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["predict"], train=False, collate_fn=self.collate)
+        super().setup(stage)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ptft.core.data import ClassificationDataModule
+from ptft.core.data import ClassificationDataModule, cached_checks
 from ptft.core.errors import PtftError
 from ptft.core.labels import discover_label_names, encode_labels
 
@@ -138,6 +138,72 @@ def list_images(location: str, arg: str, path_column: str | None = None) -> list
     return images
 
 
+def describe(source: ImageSource) -> str:
+    """Where an image is, as users wrote it: ``path`` or ``archive.zip/member``."""
+    return f"{source.archive}/{source.root}" if source.archive else str(source.root)
+
+
+def open_image(source: ImageSource, archives: dict[tuple[int, Path], zipfile.ZipFile]) -> Image.Image:
+    """Opens an image lazily (header only) from disk or from a zip archive whose handle is kept in ``archives``."""
+    if source.archive is None:
+        return Image.open(source.root)
+    # Keyed by process: a forked DataLoader or check worker must not share the parent's file offset.
+    key = (os.getpid(), source.archive)
+    archive = archives.get(key)
+    if archive is None:
+        archive = archives[key] = zipfile.ZipFile(source.archive)
+    return Image.open(io.BytesIO(archive.read(source.root.as_posix())))
+
+
+_CHECK_ARCHIVES: dict[tuple[int, Path], zipfile.ZipFile] = {}  # each check worker opens an archive once
+
+
+def probe_images(images: list[ImageSource]) -> list[list[int] | str]:
+    """Each image's ``[width, height]`` upright (:func:`upright_size`) once PIL has opened and verified it, or why
+    it cannot be read. Runs in check workers (:func:`ptft.core.data.parallel_map`)."""
+    results: list[list[int] | str] = []
+    for source in images:
+        try:
+            with open_image(source, _CHECK_ARCHIVES) as image:
+                size = upright_size(image)
+                image.verify()
+            results.append(list(size))
+        except (FileNotFoundError, KeyError):  # KeyError: no such member in the archive
+            results.append("does not exist")
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a broken file
+            results.append(f"cannot be read ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
+    return results
+
+
+def _stamp(source: ImageSource, archive_stats: dict[Path, str | None]) -> tuple[str, str] | None:
+    """Cache key and stamp of an image: its absolute path, size and modification time (an archive member's are its
+    archive's: rewriting the archive checks its members again). ``None`` when the file is missing."""
+    path = source.archive if source.archive is not None else source.root
+    if path not in archive_stats:
+        try:
+            stat = path.stat()
+            archive_stats[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            archive_stats[path] = None
+    stamp = archive_stats[path]
+    if stamp is None:
+        return None
+    key = f"{path.resolve()}/{source.root.as_posix()}" if source.archive is not None else str(path.resolve())
+    return f"image-v1:{key}", stamp
+
+
+def image_sizes(images: list[ImageSource]) -> list[tuple[int, int] | str]:
+    """Upright ``(width, height)`` of every image, or why it cannot be read (:func:`probe_images`).
+
+    Opening and verifying every image is the slow part of starting on a large image set: it runs in parallel worker
+    processes and is cached (keyed by file path, size and modification time) in ``~/.cache/ptft/checks.sqlite``, so
+    a second run over unchanged files reads the cache only. Measured by ``bench/image_check.py``.
+    """
+    stats: dict[Path, str | None] = {}
+    results = cached_checks(images, [_stamp(s, stats) for s in images], probe_images)
+    return [tuple(r) if isinstance(r, list) else r for r in results]
+
+
 class ImageDataset(Dataset):
     """Images decoded with PIL (from disk or a zip archive opened once per worker) and a transform."""
 
@@ -154,15 +220,7 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def open(self, index: int) -> Image.Image:
-        source = self.images[index]
-        if source.archive is None:
-            return Image.open(source.root)
-        # Keyed by process: a forked DataLoader worker must not share the parent's file offset.
-        key = (os.getpid(), source.archive)
-        archive = self._archives.get(key)
-        if archive is None:
-            archive = self._archives[key] = zipfile.ZipFile(source.archive)
-        return Image.open(io.BytesIO(archive.read(source.root.as_posix())))
+        return open_image(self.images[index], self._archives)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = to_rgb(self.open(index))
@@ -172,14 +230,8 @@ class ImageDataset(Dataset):
         return item
 
     def unreadable(self) -> list[int]:
-        """Indices of images PIL cannot open or verify."""
-        bad = []
-        for i in range(len(self)):
-            try:
-                self.open(i).verify()
-            except Exception:  # noqa: BLE001 - PIL raises many types for a broken file
-                bad.append(i)
-        return bad
+        """Indices of images PIL cannot open or verify (:func:`image_sizes`: parallel and cached)."""
+        return [i for i, size in enumerate(image_sizes(self.images)) if isinstance(size, str)]
 
 
 TRIVIAL_AUGMENT = "trivialaugment"
@@ -245,8 +297,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
     Each split is a class-folder tree (``root/<class>/<image>``), a zip archive holding one (``data.zip`` or a
     folder inside it: ``data.zip/train``), or a CSV file of image paths (relative to the CSV) and labels.
 
-    Every image is checked before training starts. ``on_bad_image: error`` (default) stops with the count and the
-    first unreadable file; ``skip`` drops them and warns with the count.
+    Every image is checked before training starts, by rank 0 alone under DDP, in parallel and cached by file size
+    and modification time (:func:`image_sizes`). ``on_bad_image: error`` (default) stops with the count and the
+    first unreadable file; ``skip`` drops them and warns with the count. Images to predict must all be readable.
 
     Args:
         train: Training images.
@@ -277,7 +330,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
-        seed: Seed of the held-out split and of the batch order.
+        seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding and transforming images.
     """
 
@@ -305,10 +358,10 @@ class ImageClassificationDataModule(ClassificationDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
-        seed: int = 42,
+        seed: int | None = None,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction)
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) images")
@@ -327,8 +380,6 @@ class ImageClassificationDataModule(ClassificationDataModule):
         }
         self.predict_location = predict
         self.on_bad_image = on_bad_image
-        self.val_fraction = val_fraction
-        self.datasets: dict[str, ImageDataset] = {}
 
     def discover_labels(self) -> list[str]:
         train = self.samples["train"]
@@ -376,74 +427,34 @@ class ImageClassificationDataModule(ClassificationDataModule):
         _allow_zero_bit_posterize(transform)
         return transform
 
-    def _dataset(self, split: str, samples: tuple[list[tuple[ImageSource, str]], list[str]], training: bool) -> ImageDataset:
-        images = [s for s, _ in samples[0]]
-        label_ids = encode_labels(samples[1], self.label_names, split)
-        ds = ImageDataset(images, label_ids, self.transform(training))
-        bad = ds.unreadable()
-        if bad:
-            first = images[bad[0]]
-            where = f"{first.archive}/{first.root}" if first.archive else str(first.root)
-            if self.on_bad_image == "error":
-                raise PtftError(
-                    f"{len(bad)} unreadable image(s) in {split}, first: {where}; "
-                    "remove them or set data.init_args.on_bad_image=skip"
-                )
-            rank_zero_warn(f"skipping {len(bad)} unreadable image(s) in {split}, first: {where}")
-            keep = sorted(set(range(len(ds))) - set(bad))
-            ds = ImageDataset([images[i] for i in keep], [label_ids[i] for i in keep], ds.transform)
-        return ds
-
-    def setup(self, stage: str) -> None:
-        if self.model_data_config is None and self.trainer is not None:
-            self._connect_from_trainer()
-        if stage in ("fit", "validate") and "train" not in self.datasets:
-            train, val = self.samples["train"], self.samples["val"]
-            if train is None:
-                raise PtftError("fitting needs train images")
-            if val is None:
-                train, val = self._hold_out(train)
-            self.datasets["train"] = self._dataset("train", train, training=True)
-            self.datasets["val"] = self._dataset("val", val, training=False)
-        if stage == "test" and "test" not in self.datasets:
-            if self.samples["test"] is None:
-                raise PtftError("testing needs test images")
-            self.datasets["test"] = self._dataset("test", self.samples["test"], training=False)
-        if stage == "predict" and "predict" not in self.datasets:
+    # --- the base's hooks -----------------------------------------------------------------------------------
+    def load_split(self, split: str) -> list[tuple[ImageSource, str | None]] | None:
+        """``(image, label)`` pairs; images to predict need no label (``None``) and may lie at any depth."""
+        if split == "predict":
             if self.predict_location is None:
-                raise PtftError("predicting needs predict images")
-            self.datasets["predict"] = self._predict_dataset(self.predict_location)
+                return None
+            return [(image, None) for image in list_images(self.predict_location, "predict", self.columns[0])]
+        samples = self.samples[split]
+        return None if samples is None else samples[0]
 
-    def _hold_out(self, samples: tuple[list, list]) -> tuple[tuple[list, list], tuple[list, list]]:
-        """Seeded random split of ``val_fraction`` of the training samples."""
-        order = torch.randperm(len(samples[0]), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = max(1, round(self.val_fraction * len(order)))
+    def check(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> list[tuple[ImageSource, str | None]]:
+        images = [image for image, _ in rows]
+        # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
+        problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(images)) if isinstance(s, str)])
+        if not problems:
+            return rows
+        where = f"{describe(images[problems[0][0]])} ({problems[0][1]})"
+        if self.on_bad_image == "error" or split == "predict":
+            hint = "" if split == "predict" else "; remove them or set data.init_args.on_bad_image=skip"
+            raise PtftError(f"{len(problems)} unreadable image(s) in {split}, first: {where}{hint}")
+        rank_zero_warn(f"skipping {len(problems)} unreadable image(s) in {split}, first: {where}")
+        bad = {i for i, _ in problems}
+        return [row for i, row in enumerate(rows) if i not in bad]
 
-        def pick(indices: list[int]) -> tuple[list, list]:
-            indices = sorted(indices)
-            return [samples[0][i] for i in indices], [samples[1][i] for i in indices]
+    def build(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> ImageDataset:
+        images = [image for image, _ in rows]
+        labels = None if split == "predict" else encode_labels([label for _, label in rows], self.label_names, split)
+        return ImageDataset(images, labels, self.transform(training=split == "train"))
 
-        return pick(order[n_val:]), pick(order[:n_val])
-
-    def _predict_dataset(self, location: str) -> ImageDataset:
-        # Labels are not needed: a folder or zip at any depth, or a CSV with just the path column.
-        images = list_images(location, "predict", path_column=self.columns[0])
-        ds = ImageDataset(images, None, self.transform(training=False))
-        bad = ds.unreadable()
-        if bad:
-            first = images[bad[0]]
-            where = f"{first.archive}/{first.root}" if first.archive else str(first.root)
-            raise PtftError(f"{len(bad)} unreadable image(s) in predict, first: {where}")
-        return ds
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["train"], train=True, collate_fn=collate)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["val"], train=False, collate_fn=collate)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["test"], train=False, collate_fn=collate)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["predict"], train=False, collate_fn=collate)
+    def collate_fn(self) -> Any:
+        return collate

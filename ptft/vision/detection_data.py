@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ptft.core.data import FineTuneDataModule, LabelsMixin
 from ptft.core.errors import PtftError
-from ptft.vision.data import IMAGE_SUFFIXES, to_rgb, upright_size
+from ptft.vision.data import IMAGE_SUFFIXES, ImageSource, image_sizes, to_rgb
 
 #: Boxes may overhang the image by this many pixels (rounding in exported annotations); they are clipped.
 BOX_TOLERANCE = 1.0
@@ -212,7 +212,7 @@ class CocoDetectionDataModule(LabelsMixin, FineTuneDataModule):
         batch_size: Training batch size (images).
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
-        seed: Seed of the held-out split and of the batch order.
+        seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding images.
     """
 
@@ -232,10 +232,10 @@ class CocoDetectionDataModule(LabelsMixin, FineTuneDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
-        seed: int = 42,
+        seed: int | None = None,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, val_fraction)
         self.save_hyperparameters(logger=False)
         self.init_labels(labels)
         if train is None and test is None and predict is None:
@@ -247,10 +247,8 @@ class CocoDetectionDataModule(LabelsMixin, FineTuneDataModule):
         }
         self.predict_location = (predict, predict_images)
         self.hflip = hflip
-        self.val_fraction = val_fraction
         self.masks = False
         self.encoder: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-        self.datasets: dict[str, CocoDataset] = {}
 
     def discover_labels(self) -> list[str]:
         reference = next((s for s in ("train", "val", "test") if self.splits[s] is not None), None)
@@ -273,79 +271,53 @@ class CocoDetectionDataModule(LabelsMixin, FineTuneDataModule):
         # Models that need their own input format (Hugging Face detectors) give a picklable batch encoder.
         self.encoder = model.batch_encoder() if hasattr(model, "batch_encoder") else None
 
-    def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.lightning_module is not None:
-            self._connect_from_trainer()
-        self.label_names  # noqa: B018 - the category checks, before any image is read
-        if stage in ("fit", "validate") and "train" not in self.datasets:
-            if self.splits["train"] is None:
-                raise PtftError("fitting needs train annotations")
-            train = self.splits["train"][0]
-            val = self.splits["val"][0] if self.splits["val"] is not None else None
-            if val is None:
-                train, val = self._hold_out(train)
-            self.datasets["train"] = self._dataset("train", train, hflip=self.hflip)
-            self.datasets["val"] = self._dataset("val", val)
-        if stage == "test" and "test" not in self.datasets:
-            if self.splits["test"] is None:
-                raise PtftError("testing needs test annotations")
-            self.datasets["test"] = self._dataset("test", self.splits["test"][0])
-        if stage == "predict" and "predict" not in self.datasets:
-            self.datasets["predict"] = self._predict_dataset()
+    # --- the base's hooks -----------------------------------------------------------------------------------
+    def load_split(self, split: str) -> list[CocoImage] | None:
+        if split != "predict":
+            return None if self.splits[split] is None else self.splits[split][0]
+        location, folder = self.predict_location
+        if location is None:
+            return None
+        path = Path(location).expanduser()
+        if not path.is_dir():
+            return read_coco(location, folder, "predict", "skip")[0]
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise PtftError(f"predict: no images in {location!r}")
+        return [CocoImage(f, i, 0, 0) for i, f in enumerate(files)]  # sizes are read with the images
 
-    def _dataset(self, split: str, images: list[CocoImage], hflip: float = 0.0, targets: bool = True) -> CocoDataset:
-        check_images(images, split, sizes=targets)
+    def check(self, split: str, rows: list[CocoImage]) -> list[CocoImage]:
+        self.label_names  # noqa: B018 - the category checks, before any image is read
+        targets = split != "predict"
         if self.masks and targets:
-            for rec in images:
+            for rec in rows:
                 for aid, seg in zip(rec.annotation_ids, rec.segmentations):
                     if not seg:
                         raise PtftError(f"{split}: annotation {aid} has no segmentation, which Mask R-CNN needs")
-        return CocoDataset(images, hflip=hflip, masks=self.masks and targets, targets=targets)
+        self.on_rank_zero(lambda: check_images(rows, split, sizes=targets))  # one check for N processes
+        return rows
 
-    def _predict_dataset(self) -> CocoDataset:
-        location, folder = self.predict_location
-        if location is None:
-            raise PtftError("predicting needs images: data.init_args.predict=<folder or COCO JSON>")
-        path = Path(location).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise PtftError(f"predict: no images in {location!r}")
-            images = [CocoImage(f, i, 0, 0) for i, f in enumerate(files)]  # sizes are read with the images
-        else:
-            images = read_coco(location, folder, "predict", "skip")[0]
-        return self._dataset("predict", images, targets=False)
+    def build(self, split: str, rows: list[CocoImage]) -> CocoDataset:
+        targets = split != "predict"
+        hflip = self.hflip if split == "train" else 0.0
+        return CocoDataset(rows, hflip=hflip, masks=self.masks and targets, targets=targets)
 
-    def _hold_out(self, images: list[CocoImage]) -> tuple[list[CocoImage], list[CocoImage]]:
-        """Seeded random split of ``val_fraction`` of the training images."""
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = max(1, round(self.val_fraction * len(order)))
-        return [images[i] for i in sorted(order[n_val:])], [images[i] for i in sorted(order[:n_val])]
+    def collate_fn(self) -> Any:
+        return partial(collate, encoder=self.encoder)
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["train"], train=True, collate_fn=partial(collate, encoder=self.encoder))
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["val"], train=False, collate_fn=partial(collate, encoder=self.encoder))
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["test"], train=False, collate_fn=partial(collate, encoder=self.encoder))
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["predict"], train=False, collate_fn=partial(collate, encoder=self.encoder))
+    def source_hint(self, split: str) -> str:
+        return f"data.init_args.{split}=<folder or COCO JSON>" if split == "predict" else f"data.init_args.{split}"
 
 
 def check_images(images: list[CocoImage], split: str, sizes: bool = True) -> None:
-    """Every image exists, decodes, and (``sizes``) has the width and height its annotation file says."""
-    for rec in images:
-        try:
-            with Image.open(rec.path) as im:
-                size = upright_size(im)  # annotation tools label the EXIF-upright view
-            with Image.open(rec.path) as im:
-                im.verify()
-        except Exception as err:
-            reason = "does not exist" if not rec.path.exists() else f"cannot be read ({type(err).__name__})"
-            raise PtftError(f"{split}: image {rec.image_id} {str(rec.path)!r} {reason}") from err
+    """Every image exists, decodes, and (``sizes``) has the width and height its annotation file says.
+
+    Images are read in parallel and cached (:func:`ptft.vision.data.image_sizes`), their sizes EXIF-upright: the view
+    annotation tools label.
+    """
+    for rec, size in zip(images, image_sizes([ImageSource(rec.path) for rec in images])):
+        if isinstance(size, str):
+            raise PtftError(f"{split}: image {rec.image_id} {str(rec.path)!r} {size}")
         if sizes and size != (rec.width, rec.height):
             raise PtftError(
                 f"{split}: image {rec.image_id} {str(rec.path)!r} is {size[0]}x{size[1]} but its annotation file says "

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
-from ptft.vision.data import IMAGE_SUFFIXES, to_rgb, upright_size
+from ptft.vision.data import IMAGE_SUFFIXES, ImageSource, image_sizes, to_rgb
 
 #: Ignored pixels in batches, whatever value marks them in the mask files (``F.cross_entropy``'s default).
 IGNORE = -100
@@ -33,6 +33,17 @@ class Split:
     images: list[Path]
     masks: list[Path] | None
     ids: list[set[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def select(self, indices: list[int]) -> Split:
+        """The pairs at ``indices`` (the held-out split), with their scanned class ids."""
+        return Split(
+            self.name, self.root, [self.images[i] for i in indices],
+            None if self.masks is None else [self.masks[i] for i in indices],
+            [self.ids[i] for i in indices] if self.ids else [],
+        )
 
 
 def list_pairs(location: str, split: str, image_dir: str, mask_dir: str, need_masks: bool = True) -> Split:
@@ -177,7 +188,7 @@ class SegmentationDataModule(ClassificationDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training pairs held out for validation when ``val`` is missing.
-        seed: Seed of the held-out split and of the batch order.
+        seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding and transforming images.
     """
 
@@ -199,10 +210,10 @@ class SegmentationDataModule(ClassificationDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.1,
-        seed: int = 42,
+        seed: int | None = None,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction)
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) folders of images/ and masks/")
@@ -222,23 +233,21 @@ class SegmentationDataModule(ClassificationDataModule):
         self.scale = tuple(scale)
         self.hflip = hflip
         self.color_jitter = color_jitter
-        self.val_fraction = val_fraction
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-        self.datasets: dict[str, SegmentationDataset] = {}
 
     # --- checks and labels ----------------------------------------------------------------------------------
     def scan(self, split: Split) -> None:
-        """Opens every pair once: readable, same size, and the class ids each mask holds."""
+        """Opens every pair once: readable, same size, and the class ids each mask holds.
+
+        Images are checked in parallel and cached (:func:`ptft.vision.data.image_sizes`); masks are read whole (their
+        class ids are needed), one by one.
+        """
         if split.ids or split.masks is None:
             return
-        for image, mask in zip(split.images, split.masks):
-            try:
-                with Image.open(image) as img:
-                    size = upright_size(img)  # masks are drawn on the EXIF-upright view
-                with Image.open(image) as img:
-                    img.verify()
-            except Exception as err:
-                raise PtftError(f"{split.name}: cannot read image {image}: {str(err).splitlines()[0]}") from err
+        sizes = image_sizes([ImageSource(image) for image in split.images])  # upright: masks are drawn on that view
+        for image, mask, size in zip(split.images, split.masks, sizes):
+            if isinstance(size, str):
+                raise PtftError(f"{split.name}: cannot read image {image}: {size}")
             try:
                 values = read_mask(mask)
             except PtftError:
@@ -308,60 +317,28 @@ class SegmentationDataModule(ClassificationDataModule):
         steps += [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(self.mean, self.std)]
         return v2.Compose(steps)
 
-    # --- datasets and loaders -------------------------------------------------------------------------------
-    def _dataset(self, split: Split, training: bool) -> SegmentationDataset:
-        return SegmentationDataset(split, self.transform(training), self.ignore_index, self.reduce_labels)
+    # --- the base's hooks -----------------------------------------------------------------------------------
+    def load_split(self, split: str) -> Split | None:
+        if split != "predict":
+            return self.splits[split]
+        if self.predict_location is None:
+            return None
+        return list_pairs(self.predict_location, "predict", self.image_dir, "", need_masks=False)
 
-    def setup(self, stage: str) -> None:
-        if self.trainer is not None and self.trainer.lightning_module is not None:
-            self._connect_from_trainer()
-        if stage != "predict":
-            self.label_names  # noqa: B018 - checks every split's pairs before training starts
-        if stage in ("fit", "validate") and "train" not in self.datasets:
-            train, val = self.splits["train"], self.splits["val"]
-            if train is None:
-                raise PtftError("fitting needs a train folder")
-            if val is None:
-                train, val = self._hold_out(train)
-            self.datasets["train"] = self._dataset(train, training=True)
-            self.datasets["val"] = self._dataset(val, training=False)
-        if stage == "test" and "test" not in self.datasets:
-            if self.splits["test"] is None:
-                raise PtftError("testing needs a test folder")
-            self.datasets["test"] = self._dataset(self.splits["test"], training=False)
-        if stage == "predict" and "predict" not in self.datasets:
-            if self.predict_location is None:
-                raise PtftError("predicting needs a predict folder of images")
-            split = list_pairs(self.predict_location, "predict", self.image_dir, "", need_masks=False)
-            for image in split.images:
-                try:
-                    with Image.open(image) as img:
-                        img.verify()
-                except Exception as err:
-                    raise PtftError(f"predict: cannot read image {image}: {str(err).splitlines()[0]}") from err
-            self.datasets["predict"] = self._dataset(split, training=False)
+    def check(self, split: str, rows: Split) -> Split:
+        if split != "predict":
+            self.label_names  # noqa: B018 - scans every split's pairs (and checks their class ids) once
+            return rows
+        problems = self.on_rank_zero(
+            lambda: [(p, s) for p, s in zip(rows.images, image_sizes([ImageSource(p) for p in rows.images]))
+                     if isinstance(s, str)]
+        )
+        if problems:
+            raise PtftError(f"predict: cannot read image {problems[0][0]}: {problems[0][1]}")
+        return rows
 
-    def _hold_out(self, split: Split) -> tuple[Split, Split]:
-        """Seeded random split of ``val_fraction`` of the training pairs."""
-        order = torch.randperm(len(split.images), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        n_val = max(1, round(self.val_fraction * len(order)))
+    def build(self, split: str, rows: Split) -> SegmentationDataset:
+        return SegmentationDataset(rows, self.transform(training=split == "train"), self.ignore_index, self.reduce_labels)
 
-        def pick(name: str, indices: list[int]) -> Split:
-            indices = sorted(indices)
-            masks = split.masks or []
-            return Split(name, split.root, [split.images[i] for i in indices], [masks[i] for i in indices],
-                         [split.ids[i] for i in indices] if split.ids else [])
-
-        return pick("train", order[n_val:]), pick("val", order[:n_val])
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["train"], train=True, collate_fn=collate)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["val"], train=False, collate_fn=collate)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["test"], train=False, collate_fn=collate)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["predict"], train=False, collate_fn=collate)
+    def collate_fn(self) -> Any:
+        return collate
