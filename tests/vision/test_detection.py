@@ -131,6 +131,24 @@ def test_faster_rcnn_learns_the_boxes_and_predicts(coco, tmp_path):
     assert all(0 <= v <= SIZE for r in found for box in r["boxes"] for v in box)
 
 
+@pytest.mark.slow
+def test_map_on_two_processes_equals_one_process(coco):
+    """Validation of a trained detector on 2 processes (gloo, 8 images each) and on 1: the same box mAP, computed
+    from every rank's detections. Slow (about 2 minutes on 2 busy cores): run with -m slow."""
+    L.seed_everything(0)
+    data = CocoDetectionDataModule(train=coco["train"], val=coco["val"], batch_size=4, num_workers=0)
+    model = FasterRCNN(num_labels=2, label_names=data.label_names, optimizer=OptimizerConfig(lr=3e-3, weight_decay=1e-4),
+                       scheduler=SchedulerConfig(name="constant", warmup_ratio=0.0), **TINY_RCNN)
+    run = trainer(max_steps=72, check_val_every_n_epoch=100)
+    run.fit(model, data)
+    single = run.validate(model, data, verbose=False)[0]
+    assert single["val/map_50"] > 0.3  # a detector worth comparing
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False).validate(model, data, verbose=False)[0]
+    for key in ("val/map", "val/map_50", "val/map_75", "val/mar_100"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-6), (key, ddp[key], single[key])
+
+
 def test_mask_rcnn_trains_and_logs_mask_map(coco):
     L.seed_everything(0)
     data = CocoDetectionDataModule(train=coco["train"], val=coco["val"], batch_size=4, num_workers=0)
@@ -142,9 +160,23 @@ def test_mask_rcnn_trains_and_logs_mask_map(coco):
     run = trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=2)
     run.fit(model, data)
     logged = run.callback_metrics
-    assert {"val/map", "val/map_50", "val/segm_map", "val/segm_map_50"} <= set(logged)
     assert "val/loss" not in logged and torch.isfinite(logged["train/loss_mask"])
-    assert 0.0 <= float(logged["val/segm_map"]) <= 1.0
+    # The logged values are torchmetrics' box and mask mAP over the same 2 validation batches.
+    from torchmetrics.detection import MeanAveragePrecision
+
+    reference = MeanAveragePrecision(iou_type=("bbox", "segm"), backend="pycocotools")
+    model.eval()
+    for batch, _ in zip(data.val_dataloader(), range(2)):
+        with torch.no_grad():
+            detections, _ = model.detect(batch)
+        targets = [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["iscrowd"], "masks": t["masks"].bool()}
+                   for t in batch["targets"]]
+        reference.update(detections, targets)
+    expected = reference.compute()
+    for name in ("map", "map_50", "map_75", "mar_100"):
+        assert float(logged[f"val/{name}"]) == pytest.approx(float(expected[f"bbox_{name}"]), abs=1e-6), name
+        assert float(logged[f"val/segm_{name}"]) == pytest.approx(float(expected[f"segm_{name}"]), abs=1e-6), name
+    assert float(expected["bbox_mar_100"]) > 0 and float(expected["segm_mar_100"]) > 0  # not all zeros
 
 
 def test_pretrained_files_load_into_the_backbones(tmp_path):
@@ -205,13 +237,20 @@ def test_hf_detector_trains_with_its_image_processor(coco, tiny_detr, tmp_path):
     assert (tmp_path / "export" / "preprocessor_config.json").exists()
 
 
-def test_hf_detector_without_image_processor_uses_own_normalisation(coco):
-    """A bare config (no preprocessor_config.json): ptft pads, normalises and converts the boxes itself (YOLOS)."""
+def test_hf_detector_without_image_processor_uses_its_architectures_processor(coco, tmp_path):
+    """A bare config (no preprocessor_config.json): YOLOS gets YolosImageProcessor with its defaults and a warning
+    naming them; boxes, training, decoding and the checkpoint's processor all come from that class."""
+    from transformers import YolosImageProcessor
+
     yolos = {"model_type": "yolos", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "image_size": [SIZE, SIZE], "patch_size": 16, "num_detection_tokens": 8}
     data = CocoDetectionDataModule(train=coco["train"], val=coco["val"], batch_size=2, num_workers=0)
-    model = HFObjectDetector("hustvl/yolos-tiny", pretrained=False, model_config=yolos, num_labels=2, label_names=data.label_names)
-    assert model.processor is None
+    size = {"shortest_edge": SIZE, "longest_edge": SIZE}
+    with pytest.warns(UserWarning, match=r"no preprocessor_config.json: images are preprocessed with "
+                                         r"YolosImageProcessor's defaults \(size .*64"):
+        model = HFObjectDetector("hustvl/yolos-tiny", pretrained=False, model_config=yolos, image_processor={"size": size},
+                                 num_labels=2, label_names=data.label_names)
+    assert type(model.processor) is YolosImageProcessor
     data.setup("fit")
     from ptft.vision.detection_data import collate
 
@@ -220,11 +259,24 @@ def test_hf_detector_without_image_processor_uses_own_normalisation(coco):
     cx, cy, w, h = batch["inputs"]["labels"][0]["boxes"][0].tolist()
     torch.testing.assert_close(torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * SIZE, box)
     loss = model.training_step(batch, 0)
-    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.model.class_labels_classifier.parameters())
     model.eval()
     with torch.no_grad():
         detections, val_loss = model.detect(batch)
-    assert detections[0]["boxes"].shape == (8, 4) and float(detections[0]["boxes"].max()) <= SIZE and val_loss is not None
+        outputs = model(batch)
+    # The processor's own decoding (softmax without the "no object" class), in image pixels.
+    expected = model.processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(SIZE, SIZE)] * 2)
+    torch.testing.assert_close(detections[0]["scores"], expected[0]["scores"])
+    torch.testing.assert_close(detections[0]["boxes"], expected[0]["boxes"].clamp(0, SIZE))
+    assert detections[0]["boxes"].shape == (8, 4) and val_loss is not None
+    calls = {}
+    model.log = lambda name, value, **kwargs: calls.__setitem__(name, (float(value), kwargs))
+    with torch.no_grad():
+        model.validation_step(batch, 0)
+    value, kwargs = calls["val/loss"]  # an epoch mean over every rank's images
+    assert kwargs["sync_dist"] and value == pytest.approx(float(val_loss), rel=1e-5)
+    assert model.hparams["image_processor"]["image_processor_type"] == "YolosImageProcessor"  # reloads without the hub
 
 
 @pytest.mark.parametrize(

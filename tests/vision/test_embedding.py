@@ -228,6 +228,22 @@ def test_recipes_run_predict_writes_unit_embeddings_and_export_loads_in_timm(run
     assert config["embedding_size"] == exported.num_classes == 16
 
 
+def test_batch_norm_folds_into_the_classifier():
+    """The exported network (torch's fuse_linear_bn_eval) gives the embeddings of backbone + BatchNorm in eval mode."""
+    from ptft.vision.embedding import fold_batch_norm
+
+    torch.manual_seed(0)
+    model = ImageEmbedder("test_resnet", pretrained=False, embedding_size=8, num_labels=3).model
+    bn = model.bn
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    model.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        folded = fold_batch_norm(model.backbone, bn)
+        torch.testing.assert_close(F.normalize(folded(images), dim=-1), model(images), atol=1e-5, rtol=0)
+    assert isinstance(folded.get_classifier(), torch.nn.Linear) and model.backbone.get_classifier() is not folded.get_classifier()
+
+
 def test_bad_settings_fail_with_one_line_errors(tmp_path, faces):
     from ptft.vision.embedding import ImageEmbeddingDataModule
 
@@ -266,9 +282,22 @@ def test_new_identities_in_validation_are_retrieved_not_classified(tmp_path, fac
     labels = torch.tensor(val_labels)
     arcface = ImageEmbedder("test_resnet", pretrained=False, embedding_size=8, num_labels=8)
     assert arcface.criterion_loss(emb, labels) is None  # no class centre to compare with
-    assert torch.isfinite(arcface.criterion_loss(emb, torch.tensor([0, 1, 9, 9, 2, 8])))  # the known ones only
+    mixed = torch.tensor([0, 1, 9, 9, 2, 8])
+    known = mixed < 8
+    torch.testing.assert_close(arcface.criterion_loss(emb, mixed), arcface.criterion_loss(emb[known], mixed[known]))
     triplet = ImageEmbedder("test_resnet", pretrained=False, embedding_size=8, loss="triplet", num_labels=8)
-    assert torch.isfinite(triplet.criterion_loss(emb, labels))
+    # Triplets need no class centres: unseen identities take part (the loss differs from the known ones' alone).
+    assert triplet.criterion_loss(emb, labels) > 0
+    assert not torch.allclose(triplet.criterion_loss(emb, mixed), triplet.criterion_loss(emb[known], mixed[known]))
+
+    # val/loss is logged on every rank (weight 0 for a batch of unseen identities), averaged over ranks.
+    calls = {}
+    arcface.log = lambda name, value, **kwargs: calls.setdefault(name, []).append((float(value), kwargs))
+    arcface.validation_step({"pixel_values": torch.randn(6, 3, 32, 32), "labels": labels}, 0)
+    arcface.validation_step({"pixel_values": torch.randn(6, 3, 32, 32), "labels": mixed}, 1)
+    (unseen_value, unseen_kwargs), (_, mixed_kwargs) = calls["val/loss"]
+    assert unseen_value == 0 and unseen_kwargs["batch_size"] == 0 and mixed_kwargs["batch_size"] == 3
+    assert unseen_kwargs["sync_dist"] and mixed_kwargs["sync_dist"]
 
 
 def test_cli_reports_triplet_without_p_by_k_batches_in_one_line(faces, tmp_path, monkeypatch, capsys):

@@ -65,6 +65,19 @@ def test_nt_xent_of_one_rank_among_gathered_views_is_its_share_of_the_whole_batc
     assert not torch.allclose(nt_xent(z1[:3], z2[:3], 0.3)[0], shares[0][0])  # local negatives only: another loss
 
 
+def test_simclr_evaluation_values_are_averaged_over_ranks():
+    """val / test loss and pos_acc are epoch means over every rank (a checkpoint monitor must agree across ranks)."""
+    model = SimCLR(TINY)
+    calls = {}
+    model.log = lambda name, value, **kwargs: calls.__setitem__(name, kwargs)
+    batch = {"pixel_values": torch.randn(3, 2, 3, 32, 32)}
+    model.training_step(batch, 0)
+    model.validation_step(batch, 0)
+    model.test_step(batch, 0)
+    assert [calls[f"{s}/pos_acc"].get("sync_dist", False) for s in ("train", "val", "test")] == [False, True, True]
+    assert [calls[f"{s}/loss"].get("sync_dist", False) for s in ("train", "val", "test")] == [False, True, True]
+
+
 def simclr_run(tmp_path: Path, name: str, images: str, val: str, batch_size: int, devices: int, model: SimCLR):
     """One SGD step on the whole training folder (one batch across all devices), then validation. BatchNorm layers
     are kept in eval mode (per-device batch statistics would differ from one device's, SyncBatchNorm needs a GPU),
