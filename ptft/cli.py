@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -119,23 +120,51 @@ class DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
-#: Third-party lines a normal run prints that tell the user nothing to act on, by the logger that prints them.
-NOISE_LOGS = {
-    # Lightning's advertisement for its model registry, printed at every fit.
-    "lightning.pytorch.utilities.rank_zero": ("litmodels",),
-    "lightning.fabric.utilities.rank_zero": ("litmodels",),
+class ExpectedHeadReport(logging.Filter):
+    """Drops transformers' load report when all it lists is the task head outside the base model.
+
+    ptft asks for that head on purpose (a new classifier, or one re-sized to another label set), so "MISSING:
+    newly initialized" is expected there. A report naming any weight of the base model (a wrong checkpoint, a
+    renamed layer) still prints in full.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # the report is coloured
+        if " LOAD REPORT" not in message:
+            return True
+        import transformers
+
+        model_class = getattr(transformers, message.split(" LOAD REPORT")[0].split()[-1], None)
+        base = getattr(model_class, "base_model_prefix", None)
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+        rows = [(key.strip(), status.strip()) for key, status, *_ in rows[1:]]  # below the header row
+        head_only = bool(base) and bool(rows) and all(
+            status in ("MISSING", "MISMATCH", "UNEXPECTED") and not key.startswith(f"{base}.") for key, status in rows
+        )
+        return not head_only
+
+
+#: Third-party log lines of a normal run that tell the user nothing to act on, by the logger that prints them.
+NOISE_LOGS: dict[str, logging.Filter] = {
+    # Lightning's advertisements ("💡 Tip: For seamless cloud ... try installing [litlogger] / [litmodels]").
+    "lightning.pytorch.utilities.rank_zero": DropMessages("💡 Tip:"),
+    "transformers.modeling_utils": ExpectedHeadReport(),
 }
 #: Third-party warnings with no action for a ptft user: (message regex, category, module regex).
 NOISE_WARNINGS: list[tuple[str, type[Warning], str]] = [
-    # Lightning asks for more dataloader workers even where ptft chose fewer on purpose (tiny or in-memory data).
-    (r".*does not have many workers which may be a bottleneck", UserWarning, r"lightning\..*"),
+    # Lightning 2.6 uses a torch pytree API that torch 2.10+ deprecates; nothing a user can change.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
 ]
 
 
 def quiet_console() -> None:
-    """Filters the known noise of a normal run (listed in ``NOISE_LOGS`` / ``NOISE_WARNINGS``); real warnings stay."""
-    for logger, fragments in NOISE_LOGS.items():
-        logging.getLogger(logger).addFilter(DropMessages(*fragments))
+    """Filters the known noise of a normal run (``NOISE_LOGS`` / ``NOISE_WARNINGS``); every other warning stays.
+
+    jsonargparse's deprecation notices are about Lightning's own calls into it: its documented switch turns them off.
+    """
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    for logger, log_filter in NOISE_LOGS.items():
+        logging.getLogger(logger).addFilter(log_filter)
     for message, category, module in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
@@ -174,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             with no_argv():  # the command's own arguments replace the command line
                 COMMANDS[args[0]](args[1:])
         else:
-            run_cli(args)
+            with no_argv():  # LightningCLI warns when it gets args and sees a command line too
+                run_cli(args)
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:

@@ -1,6 +1,7 @@
 """The ptft command: runs, errors, checkpoints, configs."""
 
 import csv
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import yaml
 from conftest import write_csv
 
-from ptft.cli import main
+from ptft.cli import ExpectedHeadReport, main
 from ptft.commands import RECIPES
 from ptft.core.errors import PtftError
 from ptft.text import TextClassifier
@@ -124,17 +125,51 @@ def test_one_line_errors(capsys, tmp_path, tiny_bert, text_files, image_dirs, mo
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing half-written
 
 
-def test_console_script_end_to_end(tmp_path, tiny_bert, text_files):
-    """One real subprocess: the installed `ptft` entry point."""
+def test_console_script_end_to_end_shows_what_matters(tmp_path, text_files):
+    """One real subprocess: the installed `ptft` entry point, on a model without a head (transformers adds one)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from conftest import minilm_dir
+
+    headless = tmp_path / "headless"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
     ptft = Path(sys.executable).parent / "ptft"
     result = subprocess.run(
-        [str(ptft), "fit", *text_args(tiny_bert, text_files, "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-                                     f"--trainer.default_root_dir={tmp_path}")],
+        [str(ptft), "fit", *text_args(str(headless), text_files, "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
+                                      "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list((tmp_path / "runs").rglob("metrics.csv"))
     assert list((tmp_path / "runs").rglob("config.yaml"))
+    console = result.stdout + result.stderr
+    for noise in ("LOAD REPORT", "newly initialized", "💡 Tip", "litlogger", "litmodels", "deprecated",
+                  "LightningCLI's args parameter"):
+        assert noise not in console, noise
+    # Real messages stay: Lightning's run facts, and its warning that no validation ran to score a best checkpoint.
+    assert "`Trainer.fit` stopped: `max_steps=2` reached." in console
+    assert "could not find the monitored key" in console
+
+
+def load_report(model_class: str, rows: list[tuple[str, str]]) -> logging.LogRecord:
+    table = "\n".join(f"{key} | \x1b[31m{status}\x1b[0m | " for key, status in rows)
+    message = f"\x1b[1m{model_class} LOAD REPORT\x1b[0m from: x\nKey | Status | \n---+---\n{table}\n\nNotes: ..."
+    return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, message, None, None)
+
+
+def test_load_report_filter_drops_only_a_new_head():
+    keep = ExpectedHeadReport().filter
+    assert not keep(load_report("BertForSequenceClassification", [("classifier.weight", "MISSING"),
+                                                                  ("classifier.bias", "MISSING")]))
+    assert not keep(load_report("BertForTokenClassification", [("classifier.weight", "MISMATCH"),
+                                                               ("cls.predictions.bias", "UNEXPECTED")]))
+    # a missing base-model weight is a real problem: the report prints
+    assert keep(load_report("BertForSequenceClassification", [("classifier.weight", "MISSING"),
+                                                              ("bert.encoder.layer.0.output.dense.weight", "MISSING")]))
+    assert keep(logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, "other", None, None))
 
 
 def test_recipe_headers_name_their_command():
