@@ -26,7 +26,7 @@ from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import FineTuneModule
-from ptft.vision.data import ImageDataset, ImageSource, collate, list_images
+from ptft.vision.data import ImageDataset, ImageSource, collate, describe, image_sizes, list_images
 from ptft.vision.modules import create_timm_model
 
 
@@ -75,7 +75,9 @@ class UnlabeledImageDataModule(FineTuneDataModule):
     """Unlabelled images for self-supervised pre-training: each example is two augmented views of one image.
 
     A location is a folder of images (flat or nested: class folders are allowed and ignored), a zip archive of one,
-    or a folder inside a zip (``cifar10.zip/train``). Every image is checked before training starts.
+    or a folder inside a zip (``cifar10.zip/train``). Every image is checked before training starts (by rank 0 alone
+    under DDP, cached by file size and modification time), and the held-out validation split, the seed and the
+    loaders are :class:`ptft.core.data.FineTuneDataModule`'s.
 
     Args:
         train: Training images.
@@ -86,10 +88,11 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         grayscale_prob: Probability of converting a view to grayscale.
         blur_prob: Probability of a Gaussian blur (use 0 for small images such as CIFAR's 32 px).
         on_bad_image: What to do with images that cannot be read: ``error`` or ``skip``.
-        batch_size: Training batch size (images; each gives two views). Contrastive losses like large batches.
+        batch_size: Training batch size (images per process; each gives two views). Contrastive losses like large
+            batches; under DDP the negatives come from every process's batch.
         eval_batch_size: Validation batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
-        seed: Seed of the held-out split and of the batch order.
+        seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding and augmenting images.
     """
 
@@ -106,10 +109,10 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.05,
-        seed: int = 42,
+        seed: int | None = None,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, val_fraction)
         self.save_hyperparameters(logger=False)
         if train is None:
             raise PtftError("give train images: data.init_args.train=<folder, zip or zip/folder>")
@@ -118,9 +121,7 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         self.augment = {"scale": scale, "color_jitter": color_jitter, "grayscale_prob": grayscale_prob,
                         "blur_prob": blur_prob}
         self.on_bad_image = on_bad_image
-        self.val_fraction = val_fraction
         self.model_data_config: dict[str, Any] | None = None
-        self.datasets: dict[str, ImageDataset] = {}
 
     def connect(self, model: L.LightningModule) -> None:
         if hasattr(model, "data_config"):
@@ -132,37 +133,28 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
         return TwoViews(contrastive_transform(size, mean, std, **self.augment))
 
-    def _dataset(self, split: str, images: list[ImageSource]) -> ImageDataset:
-        ds = ImageDataset(images, None, self.transform())
-        bad = ds.unreadable()
-        if bad:
-            first = images[bad[0]]
-            where = f"{first.archive}/{first.root}" if first.archive else str(first.root)
-            if self.on_bad_image == "error":
-                raise PtftError(f"{len(bad)} unreadable image(s) in {split}, first: {where}; "
-                                "remove them or set data.init_args.on_bad_image=skip")
-            rank_zero_warn(f"skipping {len(bad)} unreadable image(s) in {split}, first: {where}")
-            skip = set(bad)
-            ds = ImageDataset([im for i, im in enumerate(images) if i not in skip], None, ds.transform)
-        return ds
+    # --- the base's hooks -----------------------------------------------------------------------------------
+    def load_split(self, split: str) -> list[ImageSource] | None:
+        return self.images.get(split)
 
-    def setup(self, stage: str) -> None:
-        if stage not in ("fit", "validate") or "train" in self.datasets:
-            return
-        if self.model_data_config is None and self.trainer is not None:
-            self._connect_from_trainer()
-        train, val = self.images["train"], self.images["val"]
-        if val is None:
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-            n_val = max(1, round(self.val_fraction * len(train)))
-            train, val = [train[i] for i in sorted(order[n_val:])], [train[i] for i in sorted(order[:n_val])]
-        self.datasets = {"train": self._dataset("train", train), "val": self._dataset("val", val)}
+    def check(self, split: str, rows: list[ImageSource]) -> list[ImageSource]:
+        # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
+        problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(rows)) if isinstance(s, str)])
+        if not problems:
+            return rows
+        where = f"{describe(rows[problems[0][0]])} ({problems[0][1]})"
+        if self.on_bad_image == "error":
+            raise PtftError(f"{len(problems)} unreadable image(s) in {split}, first: {where}; "
+                            "remove them or set data.init_args.on_bad_image=skip")
+        rank_zero_warn(f"skipping {len(problems)} unreadable image(s) in {split}, first: {where}")
+        bad = {i for i, _ in problems}
+        return [image for i, image in enumerate(rows) if i not in bad]
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["train"], train=True, collate_fn=collate)
+    def build(self, split: str, rows: list[ImageSource]) -> ImageDataset:
+        return ImageDataset(rows, None, self.transform())
 
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._loader(self.datasets["val"], train=False, collate_fn=collate)
+    def collate_fn(self) -> Any:
+        return collate
 
 
 # --- model ------------------------------------------------------------------------------------------------------

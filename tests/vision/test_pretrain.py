@@ -128,7 +128,8 @@ def test_simclr_learns_to_find_the_other_view(tmp_path):
     model = SimCLR(TINY, temperature=0.2, optimizer={"lr": 1e-2, "weight_decay": 0.0})
     # milder augmentation than the recipe's, so that a 0.37M-parameter network learns it in a few dozen steps
     dm = UnlabeledImageDataModule(train=images, image_size=32, batch_size=16, num_workers=0, blur_prob=0.0,
-                                  scale=(0.5, 1.0), color_jitter=0.2, grayscale_prob=0.0, val_fraction=0.1)
+                                  scale=(0.5, 1.0), color_jitter=0.2, grayscale_prob=0.0, val_fraction=0.1,
+                                  seed=42)
     dm.connect(model)
     dm.setup("fit")
     torch.manual_seed(1)
@@ -169,6 +170,9 @@ def test_simclr_export_loads_into_image_classifier(tmp_path):
 def test_unlabelled_data_from_folders_zips_and_bad_inputs(tmp_path, image_dirs):
     # class folders are ignored: every image counts
     assert len(UnlabeledImageDataModule(train=image_dirs["train"]).images["train"]) == 36
+    L.seed_everything(7)  # seed=None: the data seed (held-out split, batch order) is seed_everything's
+    assert UnlabeledImageDataModule(train=image_dirs["train"]).seed == 7
+    assert UnlabeledImageDataModule(train=image_dirs["train"], seed=3).seed == 3
     with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
         for p in sorted(Path(image_dirs["train"]).rglob("*.png")):
             zf.write(p, "data/" + p.relative_to(image_dirs["train"]).as_posix())
