@@ -25,8 +25,9 @@ class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` that runs offline on its own when there are no W&B credentials.
 
     The CLI logs the full nested recipe as the run's config once (model hyperparameters are not logged again
-    flat). W&B prints the ``wandb sync`` command of an
-    offline run when it ends.
+    flat). W&B prints the ``wandb sync`` command of an offline run when it ends. With ``log_model``, an offline run
+    keeps the checkpoints as artifacts in the run folder, and ``wandb sync`` uploads them with the rest (Lightning
+    refuses ``log_model`` offline; W&B itself stores offline artifacts).
 
     Args:
         project: W&B project.
@@ -51,8 +52,10 @@ class WandbLogger(_LightningWandbLogger):
         if offline is None:
             mode = os.environ.get("WANDB_MODE", "").lower()
             offline = mode in ("offline", "dryrun") or (mode != "online" and not wandb_credentials_available())
-        if offline and log_model:
-            log_model = False  # artifacts cannot be uploaded offline
+        # Lightning's check that log_model is off offline is passed with offline=False, then restored: the run
+        # itself is offline either way (Lightning only sets WANDB_MODE from it).
         super().__init__(
-            project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, tags=tags, **kwargs
+            project=project, name=name, save_dir=save_dir, offline=offline and not log_model, log_model=log_model,
+            tags=tags, **kwargs,
         )
+        self._offline = offline
