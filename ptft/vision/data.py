@@ -175,21 +175,30 @@ def probe_images(images: list[ImageSource]) -> list[list[int] | str]:
     return results
 
 
-def _stamp(source: ImageSource, archive_stats: dict[Path, str | None]) -> tuple[str, str] | None:
-    """Cache key and stamp of an image: its absolute path, size and modification time (an archive member's are its
-    archive's: rewriting the archive checks its members again). ``None`` when the file is missing."""
-    path = source.archive if source.archive is not None else source.root
-    if path not in archive_stats:
-        try:
-            stat = path.stat()
-            archive_stats[path] = f"{stat.st_size}:{stat.st_mtime_ns}"
-        except OSError:
-            archive_stats[path] = None
-    stamp = archive_stats[path]
-    if stamp is None:
-        return None
-    key = f"{path.resolve()}/{source.root.as_posix()}" if source.archive is not None else str(path.resolve())
-    return f"image-v1:{key}", stamp
+def _stamps(images: list[ImageSource]) -> list[tuple[str, str] | None]:
+    """Cache key and stamp of each image: its absolute path, size and modification time (an archive member's are its
+    archive's: rewriting the archive checks its members again). ``None`` for a missing file."""
+    archives: dict[Path, tuple[str, str] | None] = {}
+    stamps: list[tuple[str, str] | None] = []
+    for source in images:
+        if source.archive is None:
+            name = os.path.abspath(source.root)
+            try:
+                stat = os.stat(name)
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((f"image-v1:{name}", f"{stat.st_size}:{stat.st_mtime_ns}"))
+            continue
+        if source.archive not in archives:  # one stat per archive, not per member
+            try:
+                stat = source.archive.stat()
+                archives[source.archive] = (str(source.archive.resolve()), f"{stat.st_size}:{stat.st_mtime_ns}")
+            except OSError:
+                archives[source.archive] = None
+        archive = archives[source.archive]
+        stamps.append(None if archive is None else (f"image-v1:{archive[0]}/{source.root.as_posix()}", archive[1]))
+    return stamps
 
 
 def image_sizes(images: list[ImageSource]) -> list[tuple[int, int] | str]:
@@ -199,8 +208,7 @@ def image_sizes(images: list[ImageSource]) -> list[tuple[int, int] | str]:
     processes and is cached (keyed by file path, size and modification time) in ``~/.cache/ptft/checks.sqlite``, so
     a second run over unchanged files reads the cache only. Measured by ``bench/image_check.py``.
     """
-    stats: dict[Path, str | None] = {}
-    results = cached_checks(images, [_stamp(s, stats) for s in images], probe_images)
+    results = cached_checks(images, _stamps(images), probe_images)
     return [tuple(r) if isinstance(r, list) else r for r in results]
 
 

@@ -1,3 +1,5 @@
+import csv
+
 import pytest
 import torch
 from conftest import sentiment_rows, write_csv
@@ -17,11 +19,14 @@ def test_label_discovery_and_batches(text_files, tiny_bert):
     assert dm.label_names == ["negative", "positive"]
     assert dm.num_labels == 2
     ready(dm, tiny_bert)
-    batch = next(iter(dm.train_dataloader()))
-    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
-    assert batch["input_ids"].shape[0] == 8
-    assert batch["labels"].dtype == torch.long
-    assert set(batch["labels"].tolist()) <= {0, 1}
+    batches = list(dm.train_dataloader())
+    assert batches[0]["input_ids"].shape[0] == 8 and batches[0]["labels"].dtype == torch.long
+    # every training row once, each text with its own label (the sampler's order, not the file's)
+    with open(text_files["train"]) as f:
+        expected = sorted((r["text"], ["negative", "positive"].index(r["label"])) for r in csv.DictReader(f))
+    texts = [t for b in batches for t in dm.tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)]
+    got = sorted(zip(texts, [y for b in batches for y in b["labels"].tolist()]))
+    assert got == expected
 
 
 def test_tsv_with_renamed_columns_and_integer_labels(tmp_path, tiny_bert):
@@ -48,7 +53,9 @@ def test_sentence_pairs(tmp_path, tiny_bert):
     )
     dm.setup("fit")
     item = dm.datasets["train"][0]
-    assert item["token_type_ids"].count(1) > 0  # second segment present
+    second = [t for t, segment in zip(item["input_ids"], item["token_type_ids"]) if segment == 1]
+    decoded = dm.tokenizer.decode(second, skip_special_tokens=True)
+    assert decoded in {"a man sleeps", "a cat sits"}  # the hypothesis is the second segment
 
 
 def test_held_out_split_is_seeded_and_disjoint(tmp_path, tiny_bert):

@@ -28,6 +28,8 @@ def test_folder_tree_labels_and_transforms(image_dirs):
     assert dm.label_names == ["blue", "green", "red"]
     batches(dm)
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 36
+    for ds in (dm.datasets["train"], dm.datasets["val"]):  # each image carries its folder's label id
+        assert ds.labels == [dm.label_names.index(s.root.parent.name) for s in ds.images]
     batch = next(iter(dm.train_dataloader()))
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["labels"].dtype == torch.long
