@@ -10,15 +10,23 @@ import pytest
 import yaml
 from conftest import REPO, sentiment_rows, write_csv, write_images
 
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+from ptft.cli import RECIPES as SHIPPED
+
+RECIPES = sorted(SHIPPED.rglob("*.yaml"))  # the packaged copies (ptft/recipes), the only ones
 HERE = ("ptft.text.TextClassificationDataModule", "ptft.vision.ImageClassificationDataModule")
 CLASSIFICATION = [r for r in RECIPES if yaml.safe_load(r.read_text())["data"]["class_path"] in HERE]
+
+
+def test_recipes_folder_is_the_shipped_one():
+    """``recipes/...`` (docs, recipe headers, tests) and ``ptft/recipes/...`` (the package) are the same files."""
+    assert (REPO / "recipes").resolve() == SHIPPED
+    assert len(RECIPES) > 20
 
 
 def test_every_recipe_is_run_by_a_test():
     tests = "\n".join(p.read_text() for p in (REPO / "tests").rglob("test_*.py") if p.name != "test_recipes.py")
     for recipe in sorted(set(RECIPES) - set(CLASSIFICATION)):
-        name = recipe.relative_to(REPO).as_posix()
+        name = f"recipes/{recipe.relative_to(SHIPPED).as_posix()}"  # the path the task tests use
         assert name in tests, f"{name} is not run by any test: run it in its task's test file (see run_recipe)"
 
 
@@ -52,7 +60,7 @@ def vision_overrides(init: dict, tmp: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("recipe", CLASSIFICATION, ids=[str(r.relative_to(REPO / "recipes")) for r in CLASSIFICATION])
+@pytest.mark.parametrize("recipe", CLASSIFICATION, ids=[str(r.relative_to(SHIPPED)) for r in CLASSIFICATION])
 def test_recipe_trains_two_steps(recipe, run_cli, tiny_bert, tmp_path):
     config = yaml.safe_load(recipe.read_text())
     data_class = config["data"]["class_path"]
