@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import io
 import random
@@ -56,12 +57,22 @@ class FineTuneModule(L.LightningModule):
     #: The metric the CLI's default best checkpoint follows, and whether higher is better.
     checkpoint_monitor: tuple[str, Literal["min", "max"]] = ("val/loss", "min")
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> FineTuneModule:
-        # The constructor's arguments, recorded before any __init__ runs: _save_hparams saves them as given, without
-        # Lightning's frame introspection (which walks the call stack for __init__ locals).
-        self = super().__new__(cls)
-        object.__setattr__(self, "_init_arguments", constructor_arguments(cls, args, kwargs))
-        return self
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Records the arguments of the constructor a user calls, before any __init__ body runs: _save_hparams saves
+        # them as given, without Lightning's frame introspection (which walks the call stack for __init__ locals).
+        # functools.wraps keeps the signature and docstring that LightningCLI / jsonargparse read for --help.
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or hasattr(init, "__wrapped__"):
+            return
+
+        @functools.wraps(init)
+        def recording_init(self: FineTuneModule, *args: Any, **kwargs: Any) -> None:
+            if "_init_arguments" not in self.__dict__:  # the outermost constructor: the one that was called
+                object.__setattr__(self, "_init_arguments", constructor_arguments(type(self), args, kwargs))
+            init(self, *args, **kwargs)
+
+        cls.__init__ = recording_init
 
     def __init__(
         self,
@@ -118,7 +129,7 @@ class FineTuneModule(L.LightningModule):
         checkpoints (``pretrained=False``: the weights are in the checkpoint). Not logged: the CLI logs the whole
         nested config once, and Lightning's flat copy would duplicate it.
         """
-        hparams = {k: v for k, v in self._init_arguments.items() if k not in ("optimizer", "scheduler", "peft")}
+        hparams = {k: v for k, v in getattr(self, "_init_arguments", {}).items() if k not in ("optimizer", "scheduler", "peft")}
         hparams.update(
             optimizer=as_dict(self.optimizer_config),
             scheduler=as_dict(self.scheduler_config),
@@ -376,8 +387,7 @@ def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, An
     """The arguments of ``cls(*args, **kwargs)`` by name, with the defaults of ``cls`` and of the base classes its
     ``**kwargs`` reach (a task module forwards the shared arguments to :class:`FineTuneModule`).
 
-    Dataclass values become dicts (checkpoints load with ``weights_only=True``). Calls that do not bind (``copy``
-    and ``pickle`` call ``__new__`` without arguments) give what does bind.
+    Dataclass values become dicts (checkpoints load with ``weights_only=True``).
     """
     arguments: dict[str, Any] = {}
     for klass in cls.__mro__:
@@ -385,7 +395,7 @@ def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, An
             break
         if "__init__" not in vars(klass):
             continue
-        signature = inspect.signature(klass.__init__)
+        signature = inspect.signature(inspect.unwrap(klass.__init__))
         try:
             bound = signature.bind_partial(None, *args, **kwargs) if klass is cls else None
         except TypeError:

@@ -4,6 +4,7 @@ silently."""
 
 from __future__ import annotations
 
+import inspect
 import random
 from types import SimpleNamespace
 
@@ -109,8 +110,21 @@ def test_hyperparameters_are_the_constructor_arguments_with_inherited_defaults(t
     assert hp["pretrained"] is False  # a full checkpoint holds the weights
 
 
-def test_constructor_arguments_tolerate_copy():
-    assert constructor_arguments(TextClassifier, (), {})["label_smoothing"] == 0.0  # copy / pickle: __new__ bare
+def test_cli_still_sees_every_inherited_argument():
+    """Recording the constructor's arguments must leave the signature LightningCLI reads intact (--help, YAML keys):
+    the shared optimizer options and the label fields reached through ``**kwargs``, and the docstrings."""
+    from jsonargparse import ArgumentParser
+
+    from ptft.text.sft import ChatFineTuner
+
+    for cls in (TextClassifier, ChatFineTuner):
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "model")
+        keys = {action.dest for action in parser._actions}
+        assert {"model.optimizer.lr", "model.scheduler.name", "model.l2_sp", "model.peft"} <= keys, cls
+        assert ("model.num_labels" in keys) == (cls is TextClassifier)
+    assert TextClassifier.__init__.__doc__ == inspect.unwrap(TextClassifier.__init__).__doc__
+    assert constructor_arguments(TextClassifier, (), {})["label_smoothing"] == 0.0
 
 
 def test_epoch_metrics_hook_logs_and_resets(tiny_bert):
