@@ -11,6 +11,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,10 @@ class FineTuneModule(L.LightningModule):
         nested config once, and Lightning's flat copy would duplicate it.
         """
         hparams = {k: v for k, v in getattr(self, "_init_arguments", {}).items() if k not in ("optimizer", "scheduler", "peft")}
+        # Built by LightningCLI: keep the class path and instantiator it passes, with which it parses a checkpoint's
+        # hyperparameters again (test / predict --ckpt_path) and load_from_checkpoint rebuilds the class.
+        given = _given_hyperparameters.get() or {}
+        hparams.update({k: given[k] for k in ("_class_path", "_instantiator") if k in given})
         hparams.update(
             optimizer=as_dict(self.optimizer_config),
             scheduler=as_dict(self.scheduler_config),
