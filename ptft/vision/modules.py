@@ -153,8 +153,9 @@ class ImageClassifier(ClassificationModule):
             return super().step(batch, stage)
         images, targets = self.mixer(batch["pixel_values"], batch["labels"])
         logits = self({"pixel_values": images})
+        # fp32: timm's loss takes a log_softmax, which CPU bf16 autocast leaves in bf16 (cross_entropy it upcasts).
         # Accuracy of a mixed batch: against each image's dominant label, not the original one.
-        return self.soft_target_loss(logits, targets), (logits.detach(), targets.argmax(dim=-1))
+        return self.soft_target_loss(logits.float(), targets), (logits.detach(), targets.argmax(dim=-1))
 
     def head_modules(self, model: nn.Module) -> list[str]:
         classifier = model.pretrained_cfg.get("classifier") or ()
