@@ -291,14 +291,15 @@ class GroupRatioLRFinder(LearningRateFinder):
 
     Lightning's finder gives every group the same learning rate, which erases layer-wise decay and a separate head
     rate: the sweep would then measure a different model than the one that trains. Here group ``g`` trains at
-    ``lr * ratio[g]`` during the sweep, where ``ratio[g]`` is its learning rate divided by ``module.lr`` at the start;
+    ``lr * ratio[g]`` during the sweep, where ``ratio[g]`` is its configured rate divided by ``module.lr``;
     the suggestion is the ``lr`` to set (every group follows it).
     """
 
     def lr_find(self, trainer: Any, pl_module: Any) -> None:
         optimizer = trainer.strategy.optimizers[0]
         reference = float(pl_module.lr)
-        ratios = [group["lr"] / reference for group in optimizer.param_groups]
+        # initial_lr: the group's rate before its scheduler's first factor (0 at the start of a warmup).
+        ratios = [group.get("initial_lr", group["lr"]) / reference for group in optimizer.param_groups]
 
         def keep_ratios(opt: torch.optim.Optimizer, *_: Any) -> None:
             swept = trainer.lr_scheduler_configs[0].scheduler.lr  # one common value per group, set by Lightning

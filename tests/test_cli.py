@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from conftest import write_csv
 
 from ptft.cli import ExpectedHeadReport, main
@@ -367,16 +368,16 @@ def test_lr_find_sweeps_every_group_at_its_ratio_and_prints_the_overrides(capsys
     ratios = torch.tensor([g["lr"] for g in model.param_groups()]) / 1e-3
     assert len(set(ratios.tolist())) == 4  # embeddings, 2 layers, head
     used = []
-    hook = torch.optim.optimizer.register_optimizer_step_post_hook(
+    hook = register_optimizer_step_post_hook(
         lambda opt, *_: used.append([g["lr"] for g in opt.param_groups]))
     try:
-        main(["lr-find", "--num_training=12", "--min_lr=1e-5", "--max_lr=1e-1", f"--plot={tmp_path / 'lr.png'}",
+        main(["lr-find", "--num_training=20", "--min_lr=1e-5", "--max_lr=1e-1", f"--plot={tmp_path / 'lr.png'}",
               *text_args(tiny_bert, text_files, "--model.optimizer.lr=1e-3", "--model.optimizer.layer_decay=0.5",
                          "--model.optimizer.head_lr=4e-3", "--trainer.logger=false",
                          "--trainer.enable_progress_bar=false")])
     finally:
         hook.remove()
-    assert len(used) == 12
+    assert len(used) == 20
     swept = torch.tensor(used) / ratios  # the common lr of each step, seen from every group
     torch.testing.assert_close(swept, swept[:, :1].expand_as(swept))
     assert swept[0, 0] == pytest.approx(1e-5) and swept[-1, 0] > 1e-2

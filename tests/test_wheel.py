@@ -1,5 +1,6 @@
 """A plain (non-editable) install of the built wheel: the shipped recipes and the quickstart work from any folder."""
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -36,7 +37,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_installed_wheel_lists_recipes_and_runs_the_quickstart_anywhere(installed, tmp_path):
     ptft = installed / "bin" / "ptft"
-    listing = subprocess.run([str(ptft), "recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing but the venv decides what imports
+    listing = subprocess.run([str(ptft), "recipes"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=env)
     assert listing.returncode == 0, listing.stderr[-2000:]
     folder = Path(listing.stdout.split("(in ")[1].split(")")[0])
     assert folder.is_relative_to(installed)  # the installed copy, not the checkout's editable ptft
@@ -45,7 +48,7 @@ def test_installed_wheel_lists_recipes_and_runs_the_quickstart_anywhere(installe
     quick = subprocess.run(
         [str(ptft), "quickstart", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
          "--trainer.enable_progress_bar=false"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
     )
     assert quick.returncode == 0, quick.stderr[-3000:]
     assert list((tmp_path / "runs" / "quickstart").rglob("last.ckpt"))
