@@ -87,29 +87,27 @@ class PtftCLI(LightningCLI):
         Lightning would look for ``last.ckpt`` in the new run's (empty) version folder and start from scratch.
         """
         sub = self.config[self.subcommand]
-        logger = sub.trainer.logger
-        dirpath = sub.checkpoint.dirpath
-        if dirpath:
-            candidates = [Path(dirpath) / "last.ckpt"]
-            where = str(dirpath)
-        elif logger in (None, False) or isinstance(logger, bool):
-            root = Path(sub.trainer.default_root_dir or ".")
-            candidates, where = [root / "checkpoints" / "last.ckpt"], str(root / "checkpoints")
-        else:
-            init = logger.get("init_args") or {}
-            save_dir = Path(init.get("save_dir") or sub.trainer.default_root_dir or ".")
-            name = init.get("name") or init.get("project") or "lightning_logs"
-            candidates = list((save_dir / name).glob("*/checkpoints/last.ckpt"))
-            where = str(save_dir / name)
-        found = [c for c in candidates if c.is_file()]
+        logger, root = sub.trainer.logger, Path(sub.trainer.default_root_dir or ".")
+        init_args = logger.get("init_args") if logger not in (None, False, True) else None
+        if sub.checkpoint.dirpath:
+            folder, pattern = Path(sub.checkpoint.dirpath), "last.ckpt"
+        elif logger in (None, False):
+            folder, pattern = root / "checkpoints", "last.ckpt"
+        else:  # Lightning's layout: <save_dir>/<name>/<version>/checkpoints (W&B: <project>/<run id>)
+            init = init_args or {}
+            wandb = "wandb" in str(logger.get("class_path", "")).lower()
+            name = init.get("project") if wandb else init.get("name")
+            folder = Path(init.get("save_dir") or root) / (name or ("ptft" if wandb else "lightning_logs"))
+            pattern = "*/checkpoints/last.ckpt"
+        found = [c for c in folder.glob(pattern) if c.is_file()]
         if not found:
-            raise PtftError(f"--ckpt_path last: no last.ckpt under {where}; give the checkpoint's path instead")
+            raise PtftError(f"--ckpt_path last: no last.ckpt under {folder}; give the checkpoint's path instead")
         latest = max(found, key=lambda p: p.stat().st_mtime)
         sub.ckpt_path = str(latest)
-        if logger not in (None, False, True) and not dirpath:
-            # Continue in that run's folder: its version is the folder name.
-            logger.init_args.version = latest.parent.parent.name
-            self._resumed_run = latest.parent.parent
+        if pattern != "last.ckpt" and init_args is not None:
+            # Continue in that run's folder: its version is the folder's name.
+            init_args.version = latest.parent.parent.name
+            self._resumes_run_folder = True
         # Lightning warns about the non-empty run folder: here it is the point.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty", category=UserWarning)
         print(f"ptft: resuming from {latest}", file=sys.stderr)
@@ -118,7 +116,7 @@ class PtftCLI(LightningCLI):
         super().instantiate_classes()
         # The data needs values only the model knows (tokenizer name, input size, normalisation).
         self.datamodule.connect(self.model)
-        if getattr(self, "_resumed_run", None) is not None:
+        if getattr(self, "_resumes_run_folder", False):
             keep_csv_metrics(self.trainer.logger)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
@@ -217,13 +215,19 @@ def parser_keys(parser: Any) -> dict[str, str]:
 
 
 def subclass_keys(args: list[str], group: str, short: bool) -> list[str] | None:
-    """The valid ``model.*`` / ``data.*`` keys of the class the command line names; ``None`` when it names none."""
+    """The valid ``model.*`` / ``data.*`` keys of the class the command line or its configs name (``None``: none)."""
     import importlib
 
     from jsonargparse import ArgumentParser
 
+    import yaml
+
     class_path = None
-    for arg in args:
+    for previous, arg in zip(["", *args], args):  # the last one given wins, as in the parser
+        config = arg if previous in ("--config", "-c") else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if config and Path(config).is_file():
+            section = (yaml.safe_load(Path(config).read_text()) or {}).get(group)
+            class_path = section.get("class_path", class_path) if isinstance(section, dict) else class_path
         for prefix in (f"--{group}=", f"--{group}.class_path="):
             if arg.startswith(prefix):
                 class_path = arg[len(prefix):]
@@ -257,7 +261,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PtftCLI:
         },
         # exit_on_error=False: parse errors come back as one line (PtftCLI.parse_arguments), not a usage dump.
         # allow_abbrev=False: argparse would take --trainer.max_epoch for --trainer.max_epochs without a word.
-        parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False, "description": DESCRIPTION},
+        parser_kwargs={"default_env": False, "exit_on_error": False, "allow_abbrev": False,
+                       **{sub: {"description": DESCRIPTION} for sub in ("fit", "validate", "test", "predict")}},
         args=args,
         run=run,
     )

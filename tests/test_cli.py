@@ -360,6 +360,23 @@ def test_mistyped_key_is_one_line_with_the_closest_key(capsys, tmp_path, monkeyp
     assert line == f"ptft: error: unknown option --{typo[2:].split('=')[0]}; did you mean {suggestion}?"
 
 
+def test_mistyped_key_under_a_recipe(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ptft"])
+    line = one_line_error(capsys, ["fit", "--config", "text/sst2.yaml", "--model.init_args.optimiser.lr=1e-3"])
+    assert line.endswith("; did you mean --model.init_args.optimizer.lr?")
+    line = one_line_error(capsys, ["fit", "--config", "text/sst2.yaml", "--data.init_args.max_lenght=64"])
+    assert line.endswith("; did you mean --data.init_args.max_length?")
+
+
+def test_fit_help_says_config_takes_a_shipped_recipe(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ptft"])
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--help"])
+    assert exc.value.code == 0
+    assert "shipped with ptft" in " ".join(capsys.readouterr().out.split())
+
+
 # --- learning-rate finder -----------------------------------------------------------------------------------------
 def test_lr_find_sweeps_every_group_at_its_ratio_and_prints_the_overrides(capsys, tiny_bert, text_files, monkeypatch,
                                                                         tmp_path):
