@@ -1,8 +1,9 @@
 """The ``ptft`` command: Lightning's CLI with ptft's links, defaults, shipped recipes and one-line errors.
 
 ``ptft fit|validate|test|predict --config recipe.yaml [--key value ...]``, and ``ptft recipes``, ``ptft quickstart``,
-``ptft inspect-layers``, ``ptft lr-find``, ``ptft export``. This module imports no Lightning: ``ptft recipes`` and
-``ptft --help`` answer at once; the commands themselves live in :mod:`ptft.commands`.
+``ptft inspect-layers``, ``ptft lr-find``, ``ptft export``. This module imports neither Lightning nor ``ptft.core``
+(which imports Lightning) until a command needs them: ``ptft recipes`` and ``ptft --help`` answer at once; the
+commands themselves live in :mod:`ptft.commands`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import sys
 import warnings
 from pathlib import Path
 from typing import Any
-
-from ptft.core.errors import PtftError, find_user_error
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 USAGE = """usage: ptft COMMAND [options]
@@ -31,6 +30,13 @@ USAGE = """usage: ptft COMMAND [options]
 RECIPE is a YAML file, or the name of a shipped recipe (text/sst2.yaml, recipes/text/sst2.yaml) when no such file
 exists in the current folder. `ptft fit --ckpt_path last` resumes the newest last.ckpt of the recipe's runs.
 """
+
+
+def user_error(message: str) -> Exception:
+    """A :class:`ptft.core.errors.PtftError`, imported only when there is one to report."""
+    from ptft.core.errors import PtftError
+
+    return PtftError(message)
 
 
 # --- shipped recipes ---------------------------------------------------------------------------------------------
@@ -50,7 +56,7 @@ def resolve_config(name: str) -> str:
         return name
     recipe = shipped_recipe(name)
     if recipe is None:
-        raise PtftError(f"--config {name}: no such file here, nor a shipped recipe of that name (see: ptft recipes)")
+        raise user_error(f"--config {name}: no such file here, nor a shipped recipe of that name (see: ptft recipes)")
     return str(recipe)
 
 
@@ -96,12 +102,12 @@ def recipes(args: list[str]) -> None:
         return
     recipe = shipped_recipe(own.name)
     if recipe is None:
-        raise PtftError(f"no shipped recipe {own.name!r} (see: ptft recipes)")
+        raise user_error(f"no shipped recipe {own.name!r} (see: ptft recipes)")
     dest = Path(own.dest) if own.dest else Path(recipe.name)
     if dest.is_dir():
         dest = dest / recipe.name
     if dest.exists():
-        raise PtftError(f"{dest} exists; give another destination: ptft recipes {own.name} DEST")
+        raise user_error(f"{dest} exists; give another destination: ptft recipes {own.name} DEST")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(recipe, dest)
     print(f"wrote {dest}; run it with: ptft fit --config {dest}")
@@ -206,10 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             with no_argv():  # LightningCLI warns when it gets args and sees a command line too
                 run_cli(args)
     except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
+        from ptft.core.errors import find_user_error
+
+        found = find_user_error(err)
+        if found is None:
             raise
-        print(f"ptft: error: {user_error}", file=sys.stderr)
+        print(f"ptft: error: {found}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
