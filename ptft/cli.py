@@ -160,6 +160,10 @@ NOISE_LOGS: dict[str, logging.Filter] = {
 NOISE_WARNINGS: list[tuple[str, type[Warning], str]] = [
     # Lightning 2.6 uses a torch pytree API that torch 2.10+ deprecates; nothing a user can change.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # validate / test / predict run without the checkpoint callback on purpose (they write no checkpoint); any
+    # other callback a checkpoint names but the run lacks (EMA...) still warns.
+    (r"Be aware that when using `ckpt_path`, .* Please add the following callbacks. \[(\"ModelCheckpoint\{[^}]*\}\"(, )?)+\]\.$",
+     UserWarning, r"lightning\.pytorch\..*"),
 ]
 
 

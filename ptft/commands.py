@@ -120,6 +120,9 @@ class PtftCLI(LightningCLI):
             keep_csv_metrics(self.trainer.logger)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        if self.subcommand in ("validate", "test", "predict"):
+            # They write no checkpoint; a checkpoint callback would only warn that --ckpt_path's run folder differs.
+            config = {**config, "enable_checkpointing": False}
         if config.get("enable_checkpointing") is False:  # the default best-checkpoint callback would contradict it
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         else:

@@ -58,6 +58,7 @@ def test_validate_test_predict_from_checkpoint(run_cli, tiny_bert, text_files):
                     f"--ckpt_path={ckpt}", "--trainer.callbacks+=ptft.core.WritePredictions",
                     "--trainer.callbacks.path=preds.csv"])
     outputs = pred.trainer.predict_loop.predictions
+    assert pred.trainer.checkpoint_callback is None  # nothing to save, and no warning about the run folder
     assert sum(len(o["labels"]) for o in outputs) == 32
     rows = list(csv.DictReader(open("preds.csv")))
     assert len(rows) == 32 and set(rows[0]) == {"label", "label_id", "p_negative", "p_positive"}
