@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -22,6 +24,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.module import FineTuneModule, load_checkpoint
+from ptft.core.precision import ENV as PRECISION_ENV
+from ptft.core.precision import Trainer, resolve_precision
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 AUTO_MONITOR = "auto"
@@ -41,6 +45,9 @@ class LogConfigCallback(SaveConfigCallback):
             # Linked values are not in the parsed config (they are computed); record them for the run.
             linked = {k: getattr(pl_module, k) for k in ("num_labels", "label_names") if hasattr(pl_module, k)}
             config["model"]["init_args"].update(linked)
+            choice = os.environ.get(PRECISION_ENV)  # what precision: auto chose, and its measurement
+            if choice:
+                config["precision_auto"] = json.loads(choice)
             trainer.logger.log_hyperparams(config)
 
 
@@ -120,6 +127,11 @@ class PtftCLI(LightningCLI):
             keep_csv_metrics(self.trainer.logger)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # precision: auto, decided on the model's own layer shapes; the config saved and logged holds the choice.
+        precision, choice = resolve_precision(config.get("precision"), self.model, config.get("accelerator", "auto"))
+        if choice is not None:
+            config = {**config, "precision": precision}
+            (self.config[self.subcommand] if self.subcommand else self.config).trainer.precision = precision
         if self.subcommand in ("validate", "test", "predict"):
             # They write no checkpoint; a checkpoint callback would only warn that --ckpt_path's run folder differs.
             config = {**config, "enable_checkpointing": False}
@@ -258,6 +270,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PtftCLI:
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=42,
+        trainer_class=Trainer,  # Lightning's, with precision: auto
         auto_configure_optimizers=False,
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},

@@ -11,6 +11,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# precision: auto in every recipe: tests run in fp32 whatever the machine measures (tests/core/test_precision.py
+# clears this to test the measurement itself).
+os.environ["PTFT_AUTO_PRECISION"] = '{"precision": "32-true", "speedup": null, "device": "cpu", "reason": "tests"}'
 
 import csv
 import random

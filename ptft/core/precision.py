@@ -16,8 +16,11 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import lightning as L
 import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from torch import nn
 
 #: bf16 must be at least this much faster to be chosen: smaller gains are within timing noise and not worth bf16's
@@ -169,3 +172,32 @@ def _choose(model: nn.Module | None, accelerator: str, cache: bool) -> Precision
         except OSError:
             pass  # a read-only home: measure again next time
     return choice
+
+
+def resolve_precision(precision: Any, model: nn.Module | None, accelerator: Any) -> tuple[Any, PrecisionChoice | None]:
+    """``precision`` unchanged, or for ``"auto"`` the measured choice (printed in one line, on rank 0)."""
+    if precision != "auto":
+        return precision, None
+    choice = choose_precision(model, accelerator if isinstance(accelerator, str) else "auto")
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(f"ptft: precision auto -> {choice.precision} ({choice.reason})")
+    return choice.precision, choice
+
+
+class Trainer(L.Trainer):
+    """Lightning's ``Trainer`` that also takes ``precision: auto`` (the CLI's trainer).
+
+    ``auto`` is bf16-mixed where the run's device computes bf16 natively and a short measurement shows it at least
+    :data:`MIN_SPEEDUP` faster, and 32-true elsewhere (see :mod:`ptft.core.precision`). An explicit precision
+    (``32-true``, ``bf16-mixed``, ``16-mixed``…) is used as given. The ptft CLI decides ``auto`` with the model's
+    own layer shapes before the Trainer is built; built directly, it measures generic transformer-sized layers.
+
+    Args:
+        precision: ``auto``, or any precision Lightning's ``Trainer`` accepts.
+        **kwargs: Lightning's ``Trainer`` arguments.
+    """
+
+    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any) -> None:
+        precision, _ = resolve_precision(precision, None, kwargs.get("accelerator", "auto"))
+        super().__init__(precision=precision, **kwargs)

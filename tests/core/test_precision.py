@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,29 @@ def test_bf16_mixed_learns_as_fp32(tmp_path, tiny_bert, text_files):
     assert fp32 >= 0.9  # the task is learnt at all (chance: 0.5)
     assert bf16 >= fp32 - 0.1
     assert set(loss_dtypes) == {torch.float32}
+
+
+@pytest.mark.parametrize(("asked", "speedup", "expected"),
+                         [("auto", 2.0, "bf16-mixed"), ("auto", 0.3, "32-true"), ("32-true", 2.0, "32-true")])
+def test_cli_decides_auto_and_records_the_choice(run_cli, tiny_bert, text_files, monkeypatch, asked, speedup, expected):
+    """``precision: auto`` becomes the measured choice in the Trainer and in the saved config; explicit values win."""
+    import yaml
+
+    calls = _fake_speed(monkeypatch, speedup)
+    cli = run_cli(["fit", "--model=ptft.text.TextClassifier", f"--model.model_name={tiny_bert}",
+                   "--data=ptft.text.TextClassificationDataModule", f"--data.train_file={text_files['train']}",
+                   f"--data.val_file={text_files['val']}", f"--trainer.precision={asked}", "--trainer.max_steps=1",
+                   "--trainer.limit_val_batches=1"])
+    assert cli.trainer.precision == expected
+    assert len(calls) == (asked == "auto")
+    saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == expected  # rerunning the saved config trains the same way
+
+
+def test_every_recipe_defaults_to_auto():
+    import yaml
+
+    from ptft.cli import RECIPES
+
+    for recipe in RECIPES.rglob("*.yaml"):
+        assert yaml.safe_load(recipe.read_text())["trainer"]["precision"] == "auto", recipe
