@@ -16,7 +16,8 @@ from helpers import trainer
 from torch import nn
 
 from ptft.core import OptimizerConfig, PtftError, build_optimizer
-from ptft.core.module import constructor_arguments, rng_states
+from ptft.core.module import constructor_arguments
+from ptft.core.rng import rng_states
 from ptft.core.optim import _use_fused
 from ptft.text import TextClassificationDataModule, TextClassifier
 
@@ -94,7 +95,7 @@ def test_cuda_random_states_round_trip():
     states = rng_states()
     assert len(states["cuda"]) == torch.cuda.device_count()
     expected = torch.rand(3, device="cuda")
-    from ptft.core.module import set_rng_states
+    from ptft.core.rng import set_rng_states
 
     set_rng_states(states)
     torch.testing.assert_close(torch.rand(3, device="cuda"), expected)
