@@ -25,11 +25,9 @@ from _common import REPO, SST2, WORK, TrainTimer, model_dir, run_in_subprocess, 
 BATCH, LR, WARMUP, SEED, MAX_LENGTH = 32, 5e-5, 0.06, 0, 128
 SYSTEMS = {
     "plain": "plain PyTorch loop",
-    "hf": "HF Trainer (defaults: fp32)",
+    "hf": "HF Trainer (defaults)",
     "hf_grouped": "HF Trainer (group_by_length)",
-    "hf_bf16": "HF Trainer (group_by_length, bf16=True)",
-    "ptft": "ptft (recipes/text/sst2.yaml defaults: precision auto)",
-    "ptft_bf16": "ptft (recipe, precision bf16-mixed)",
+    "ptft": "ptft (recipes/text/sst2.yaml defaults)",
 }
 
 
@@ -86,7 +84,7 @@ def run_plain(train_tsv: Path, dev_tsv: Path) -> dict:
     return {"train_seconds": seconds, "samples": len(train), "dev_acc": correct / len(dev)}
 
 
-def run_hf(train_tsv: Path, dev_tsv: Path, grouped: bool, bf16: bool = False) -> dict:
+def run_hf(train_tsv: Path, dev_tsv: Path, grouped: bool) -> dict:
     import numpy as np
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -97,7 +95,7 @@ def run_hf(train_tsv: Path, dev_tsv: Path, grouped: bool, bf16: bool = False) ->
         output_dir=str(WORK / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=64,
         learning_rate=LR, warmup_steps=WARMUP,  # transformers 5: a float < 1 is a ratio
         num_train_epochs=1, seed=SEED, report_to=[], save_strategy="no",
-        eval_strategy="no", logging_steps=50, disable_tqdm=True, use_cpu=True, bf16=bf16, **extra,
+        eval_strategy="no", logging_steps=50, disable_tqdm=True, use_cpu=True, **extra,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     start = time.perf_counter()
@@ -109,7 +107,7 @@ def run_hf(train_tsv: Path, dev_tsv: Path, grouped: bool, bf16: bool = False) ->
     return {"train_seconds": seconds, "samples": len(train), "dev_acc": acc}
 
 
-def run_ptft(train_tsv: Path, dev_tsv: Path, precision: str | None = None) -> dict:
+def run_ptft(train_tsv: Path, dev_tsv: Path) -> dict:
     from ptft.cli import run_cli
 
     sys.argv = ["ptft"]
@@ -118,8 +116,7 @@ def run_ptft(train_tsv: Path, dev_tsv: Path, precision: str | None = None) -> di
          f"--data.init_args.train_file={train_tsv}", f"--data.init_args.val_file={dev_tsv}",
          "--trainer.max_epochs=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
          "--trainer.enable_checkpointing=false", "--trainer.logger=false", "--trainer.callbacks=[]",
-         f"--seed_everything={SEED}", f"--trainer.default_root_dir={WORK / 'ptft'}",
-         *([f"--trainer.precision={precision}"] if precision else [])],
+         f"--seed_everything={SEED}", f"--trainer.default_root_dir={WORK / 'ptft'}"],
         run=False,
     )
     timer = TrainTimer()
@@ -133,9 +130,9 @@ def run_one(system: str, train_tsv: Path, dev_tsv: Path) -> dict:
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     if system == "plain":
         return run_plain(train_tsv, dev_tsv)
-    if system in ("hf", "hf_grouped", "hf_bf16"):
-        return run_hf(train_tsv, dev_tsv, grouped=system != "hf", bf16=system == "hf_bf16")
-    return run_ptft(train_tsv, dev_tsv, precision="bf16-mixed" if system == "ptft_bf16" else None)
+    if system in ("hf", "hf_grouped"):
+        return run_hf(train_tsv, dev_tsv, grouped=system == "hf_grouped")
+    return run_ptft(train_tsv, dev_tsv)
 
 
 def main() -> None:
@@ -198,9 +195,7 @@ def main() -> None:
         "",
         "Levers in ptft's recipe defaults, against HF Trainer's defaults: length-grouped batches "
         "(`group_by_length: true`, the same mega-batch grouping as HF's sampler, seeded per epoch) and fused AdamW "
-        "(`optimizer.fused`, on by default where torch has it; HF Trainer 5 uses it too). `precision: auto` measures bf16 "
-        "against fp32 on the model's layers at start-up and keeps fp32 where bf16 is not faster (the bf16 rows show why "
-        "on a CPU without native bf16). Tokenisation is done once "
+        "(`optimizer.fused`, on by default where torch has it; HF Trainer 5 uses it too). Tokenisation is done once "
         "and cached by `datasets`, and evaluation sets are sorted by length, but neither is in the timed part. "
         "HF Trainer clips gradients at 1.0 by default and ptft's recipe does not. The plain loop uses torch's "
         "default (non-fused) AdamW and random batches.",

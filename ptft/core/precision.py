@@ -65,37 +65,39 @@ def probe_layers(model: nn.Module | None, limit: int = 3) -> list[nn.Module]:
 
 
 def _probe_input(layer: nn.Module, device: torch.device) -> torch.Tensor:
+    # GPUs need full-sized work (small matmuls are launch-bound and hide bf16's gain); CPUs a quarter of it, so that
+    # an emulated bf16 (10-15x slower) costs a second, not a minute.
+    scale = 1 if device.type == "cuda" else 4
     if isinstance(layer, nn.Linear):
-        return torch.randn(PROBE_ROWS, layer.in_features, device=device)
-    # Conv: a batch whose output has about PROBE_ROWS * 4 positions, the spatial size a mid-network block sees.
-    return torch.randn(8, layer.in_channels, 32, 32, device=device)
+        return torch.randn(PROBE_ROWS // scale, layer.in_features, device=device)
+    # Conv: the spatial size a mid-network block sees.
+    side = 32 if device.type == "cuda" else 8
+    return torch.randn(8, layer.in_channels, side, side, device=device)
 
 
-def _time(layers: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, bf16: bool, repeats: int) -> float:
-    def once() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            for layer, x in zip(layers, inputs):
-                layer(x).float().square().mean().backward()
-
-    once()  # warm-up: kernels, allocator
+def _once(layers: list[nn.Module], inputs: list[torch.Tensor], device: torch.device, bf16: bool) -> float:
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for layer, x in zip(layers, inputs):
+            layer(x).float().square().mean().backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return time.perf_counter() - start
 
 
 def measure_bf16_speedup(layers: list[nn.Module], device: torch.device, repeats: int = 3) -> float:
-    """fp32 time / bf16-autocast time of forward + backward through ``layers`` (best of ``repeats``)."""
+    """fp32 time / bf16-autocast time of forward + backward through ``layers`` (best of ``repeats`` after a warm-up).
+
+    When bf16's warm-up alone is 3x slower than fp32 (an emulated bf16), that answer is final: no more repeats.
+    """
     layers = [layer.to(device) for layer in layers]
     inputs = [_probe_input(layer, device) for layer in layers]
-    fp32 = _time(layers, inputs, device, bf16=False, repeats=repeats)
-    bf16 = _time(layers, inputs, device, bf16=True, repeats=repeats)
+    _once(layers, inputs, device, bf16=False)  # warm-up: kernels, allocator
+    fp32 = min(_once(layers, inputs, device, bf16=False) for _ in range(repeats))
+    warm = _once(layers, inputs, device, bf16=True)
+    if warm > 3 * fp32:
+        return fp32 / warm
+    bf16 = min(_once(layers, inputs, device, bf16=True) for _ in range(repeats))
     return fp32 / bf16
 
 
