@@ -133,7 +133,10 @@ def choose_precision(model: nn.Module | None = None, accelerator: str = "auto", 
     inherited = os.environ.get(ENV)
     if inherited:
         return PrecisionChoice(**json.loads(inherited))
-    choice = _choose(model, accelerator, cache)
+    # The probe layers' initialisation and inputs draw random numbers: the run's seeded streams must not move.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        choice = _choose(model, accelerator, cache)
     os.environ[ENV] = json.dumps(asdict(choice))
     return choice
 
@@ -156,8 +159,7 @@ def _choose(model: nn.Module | None, accelerator: str, cache: bool) -> Precision
             stored = {}
     if key in stored:
         return PrecisionChoice(**stored[key])
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the run's seeds stay untouched
-        speedup = measure_bf16_speedup(layers, device)
+    speedup = measure_bf16_speedup(layers, device)
     faster = speedup >= MIN_SPEEDUP
     choice = PrecisionChoice(
         "bf16-mixed" if faster else "32-true",
