@@ -128,16 +128,20 @@ def main() -> None:
     import torch
 
     auto = next((json.loads(r["auto"]) for r in results.values() if r.get("auto")), None)
+    described = {
+        "text": f"text: all-MiniLM-L6-v2, {args.text_size:,} shuffled SST-2 training sentences, 1 epoch, "
+                "`recipes/text/sst2.yaml` with lr 1e-4 and batch 16 (small-data settings), SST-2 dev accuracy (872)",
+        "vision": f"vision: timm resnet18 from random init (no hub here), {args.image_size:,} CIFAR-10 training images "
+                  f"at 32 px, {args.epochs} epoch(s), `recipes/vision/cifar10.yaml` defaults, accuracy on 2,000 CIFAR-10 "
+                  "test images",
+    }
     lines = [
         "",
         "",
         f"`python bench/precision.py --tasks {' '.join(args.tasks)} --text-size {args.text_size} --image-size "
-        f"{args.image_size} --epochs {args.epochs}` "
-        f"— text: all-MiniLM-L6-v2, {args.text_size:,} shuffled SST-2 training sentences, 1 epoch, `recipes/text/sst2.yaml`"
-        f" with lr 1e-4 and batch 16 (small-data settings), SST-2 dev accuracy (872); vision: timm resnet18 from random init (no hub here), {args.image_size:,} "
-        f"CIFAR-10 training images at 32 px, {args.epochs} epochs, `recipes/vision/cifar10.yaml` defaults, accuracy on "
-        f"2,000 CIFAR-10 test images. Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}. Ratios are to fp32 in the same invocation.",
+        f"{args.image_size} --epochs {args.epochs}` — " + "; ".join(described[t] for t in args.tasks)
+        + f". Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. "
+        "Ratios are to fp32 in the same invocation.",
         "",
         "| task | precision asked | ran as | train samples/s | vs fp32 | final accuracy |",
         "|---|---|---|---:|---:|---:|",
