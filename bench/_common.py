@@ -48,12 +48,18 @@ class TrainTimer(L.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samples += len(batch["labels"])
+        # examples in the batch: labels for most tasks, windows (input_ids) for QA, images for vision
+        key = next(k for k in ("labels", "input_ids", "pixel_values") if k in batch)
+        self.samples += len(batch[key])
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._start is not None and not trainer.sanity_checking:
             self.seconds += time.perf_counter() - self._start
             self._start = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.training and not trainer.sanity_checking:  # a validation within the epoch: training goes on
+            self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._start is not None:

@@ -197,7 +197,7 @@ def main() -> None:
         "(`group_by_length: true`, the same mega-batch grouping as HF's sampler, seeded per epoch) and fused AdamW "
         "(`optimizer.fused`, on by default where torch has it; HF Trainer 5 uses it too). Tokenisation is done once "
         "and cached by `datasets`, and evaluation sets are sorted by length, but neither is in the timed part. "
-        "HF Trainer clips gradients at 1.0 by default and ptft's recipe does not. The plain loop uses torch's "
+        "Both HF Trainer and ptft's recipe clip gradients at norm 1.0. The plain loop uses torch's "
         "default (non-fused) AdamW and random batches.",
     ]
     table = "\n".join(lines)

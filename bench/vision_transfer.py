@@ -95,10 +95,10 @@ def cli(args: list[str]):
     return run_cli(args, run=False)
 
 
-def pretrain_supervised(folders: dict[str, Path], steps: int, out: Path) -> dict:
+def pretrain_supervised(folders: dict[str, Path], steps: int, out: Path, model: str = MODEL) -> dict:
     from ptft.vision.pretrain import save_backbone
 
-    c = cli(["--config", str(REPO / "recipes/vision/supervised-pretrain.yaml"), f"--model.init_args.model_name={MODEL}",
+    c = cli(["--config", str(REPO / "recipes/vision/supervised-pretrain.yaml"), f"--model.init_args.model_name={model}",
              f"--data.init_args.train={folders['pretrain']}", "--data.init_args.test=null", "--data.init_args.val_fraction=0.02",
              f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
              "--trainer.limit_val_batches=4", "--data.init_args.eval_batch_size=128", *QUIET])
