@@ -228,7 +228,8 @@ class Seq2SeqDataModule(TextDataModule):
             ``"summarize: "``); empty for BART and Marian.
         max_source_length: Truncate sources to this many tokens; defaults to ``max_length``.
         max_target_length: Truncate training targets to this many tokens (metrics use the full target text).
-        group_by_length: Batch sources of similar length together (less padding, same result).
+        group_by_length: Batch sources of similar length together (less padding, faster). Off by default: it cost
+            BLEU in the recipe parity benchmark (docs/benchmarks.md).
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
             ``rename_columns``, ``tokenizer``, ``max_length``, ``batch_size``, ``eval_batch_size``,
@@ -242,7 +243,7 @@ class Seq2SeqDataModule(TextDataModule):
         source_prefix: str = "",
         max_source_length: int | None = None,
         max_target_length: int = 128,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

@@ -168,7 +168,8 @@ class TokenClassificationDataModule(LabelsMixin, TextDataModule):
             tag is an error. Discovered from the training data when not given (``O`` first, then sorted).
         label_all_tokens: Train on every sub-token of a word (``B-X`` continuations become ``I-X``), instead of
             the first sub-token only (later ones get ``-100``). Metrics always score words by their first sub-token.
-        group_by_length: Batch sentences of similar length together (less padding).
+        group_by_length: Batch sentences of similar length together (less padding, faster). Off by default: on
+            WNUT-17 it cost entity F1 (docs/text.md, Token classification).
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
             ``rename_columns``, ``tokenizer``, ``max_length``, ``batch_size``, ``eval_batch_size``,
@@ -182,7 +183,7 @@ class TokenClassificationDataModule(LabelsMixin, TextDataModule):
         tag_column_index: int = -1,
         labels: list[str] | None = None,
         label_all_tokens: bool = False,
-        group_by_length: bool = True,
+        group_by_length: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
