@@ -66,7 +66,9 @@ TASKS: dict[str, tuple[str, dict[str, str], bool]] = {
     }, True),
     "seq2seq": ("val BLEU (0-1)", {
         "ptft": f"ptft `text/translation.yaml`, lr {S2S_LR:g}",
-        "ptft_grouped": f"ptft `text/translation.yaml`, lr {S2S_LR:g}, `group_by_length: true`",
+        "ptft_before": f"ptft `text/translation.yaml` as shipped before (`group_by_length: true`, 5% warmup, weight "
+                       f"decay 0.01), lr {S2S_LR:g}",
+        "ptft_warmup": f"ptft `text/translation.yaml`, lr {S2S_LR:g}, 5% warmup and weight decay 0.01",
         "ref": f"HF Seq2SeqTrainer, `run_translation` defaults, lr {S2S_LR:g}",
     }, True),
     "sft": ("val loss per reply token", {
@@ -79,7 +81,9 @@ TASKS: dict[str, tuple[str, dict[str, str], bool]] = {
 VARIANTS = {
     "ptft": [],
     "ptft_bert": ["--model.init_args.scheduler.warmup_ratio=0.1", "--model.init_args.optimizer.weight_decay=0.01"],
-    "ptft_grouped": ["--data.init_args.group_by_length=true"],
+    "ptft_before": ["--data.init_args.group_by_length=true", "--model.init_args.scheduler.warmup_ratio=0.05",
+                    "--model.init_args.optimizer.weight_decay=0.01"],
+    "ptft_warmup": ["--model.init_args.scheduler.warmup_ratio=0.05", "--model.init_args.optimizer.weight_decay=0.01"],
 }
 
 

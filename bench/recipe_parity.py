@@ -51,7 +51,7 @@ CIFAR_MODEL, CIFAR_PER_CLASS, CIFAR_EPOCHS, CIFAR_PRETRAIN_STEPS = "resnet10t", 
 TASKS: dict[str, tuple[str, dict[str, str], bool]] = {
     "sst2": ("dev accuracy", {
         "ptft": "ptft `text/sst2.yaml`",
-        "ptft_ungrouped": "ptft `text/sst2.yaml`, `group_by_length: false`",
+        "ptft_grouped": "ptft `text/sst2.yaml`, `group_by_length: true`",
         "ref": "HF Trainer, `run_glue` defaults",
     }, True),
     "wnut17": ("dev entity F1", {
@@ -94,7 +94,7 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
 
 
 def sst2_ptft(seed: int, variant: str) -> dict:
-    extra = {"ptft": [], "ptft_ungrouped": ["--data.init_args.group_by_length=false"]}[variant]
+    extra = {"ptft": [], "ptft_grouped": ["--data.init_args.group_by_length=true"]}[variant]
     train = sst2_subset(SST2, SST2_SIZE, seed=0)
     return ptft_fit(["--config", str(REPO / "recipes/text/sst2.yaml"), f"--model.init_args.model_name={model_dir()}",
                      f"--data.init_args.train_file={train}", f"--data.init_args.val_file={SST2 / 'dev.tsv'}",
