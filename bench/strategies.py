@@ -107,7 +107,7 @@ def main() -> None:
         "",
         f"`python bench/strategies.py --train-size {args.train_size}` — all-MiniLM-L6-v2 (22.7M parameters) on "
         f"{args.train_size:,} shuffled SST-2 sentences, {EPOCHS} epochs x {BATCHES_PER_EPOCH} batches of 32 "
-        f"(one pass), recipes/text/sst2.yaml otherwise (6% linear warmup, length-grouped batches); dev = SST-2 dev "
+        f"(one pass), recipes/text/sst2.yaml otherwise (6% linear warmup); dev = SST-2 dev "
         f"(872), accuracy after the last epoch. {os.cpu_count()} CPU cores, fp32. Step time and memory ratios are "
         "to full fine-tuning in the same run. Training memory = peak RSS while training minus RSS just before "
         "training (activations, gradients, optimizer state), measured in a second run of the same schedule (2 "
