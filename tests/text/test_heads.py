@@ -33,7 +33,8 @@ def test_head_learns_saves_and_reloads(head, lr, tiny_bert, text_files, tmp_path
     assert heads and all(n.startswith("head.") for n in heads)
     layers = model.layer_ids()
     assert {layers[n] for n in heads} == {max(layers.values())}  # the head is the top layer (LLRD, unfreezing)
-    dm = TextClassificationDataModule(train_file=text_files["train"], val_file=text_files["val"], batch_size=16)
+    dm = TextClassificationDataModule(train_file=text_files["train"], val_file=text_files["val"], batch_size=16,
+                                    group_by_length=True)  # the batching the thresholds below were measured with
     dm.connect(model)
     fit = trainer(tmp_path, max_epochs=8, enable_checkpointing=True, deterministic=False)
     fit.fit(model, dm)
