@@ -284,6 +284,30 @@ class FineTuneModule(L.LightningModule):
             skip_weight_decay=model_no_weight_decay(self.model),
         )
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clips as Lightning does, also for fused optimizers under mixed precision.
+
+        Lightning's ``MixedPrecision`` plugin refuses to clip when the optimizer "handles unscaling" itself (every
+        fused optimizer: ``_step_supports_amp_scaling``), so ``precision: bf16-mixed`` (what ``auto`` picks on GPUs
+        and bf16 CPUs) with the recipes' fused AdamW and ``gradient_clip_val`` stopped at the first step. bf16 has
+        no loss scaler: its gradients are the true ones, and clipping them is correct. fp16's scaler unscales them
+        here first; ``GradScaler.step`` then tells the fused kernel they are unscaled (``grad_scale=None``).
+        """
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities.enums import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if not (isinstance(plugin, MixedPrecision) and gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if plugin.scaler is not None:  # Lightning unscales only optimizers that do not handle it: never these
+            plugin.scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.param_groups(), self.optimizer_config)
         scheduler = build_scheduler(optimizer, self.scheduler_config, self.trainer.estimated_stepping_batches)

@@ -141,3 +141,55 @@ def test_measurement_leaves_the_runs_random_stream_alone():
     torch.manual_seed(0)
     choose_precision(model, accelerator="cpu", cache=False)
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def _one_clipped_step(tmp_path, tiny_bert, text_files, precision_name: str, fused: bool, clip: float):
+    """The weight change and gradient norm of one clipped optimizer step of a tiny classifier."""
+    import lightning as L
+    from helpers import trainer, weights
+
+    from ptft.core import OptimizerConfig, SchedulerConfig
+    from ptft.text import TextClassificationDataModule, TextClassifier
+
+    class GradNorm(L.Callback):
+        norms: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # grads after the clip
+            self.norms.append(float(torch.linalg.vector_norm(
+                torch.stack([p.grad.float().norm() for p in pl_module.parameters() if p.grad is not None]))))
+
+    L.seed_everything(0)
+    model = TextClassifier(tiny_bert, optimizer=OptimizerConfig(lr=1e-2, fused=fused),
+                           scheduler=SchedulerConfig(name="constant", warmup_ratio=0.0))
+    data = TextClassificationDataModule(train_file=text_files["train"], val_file=text_files["val"], batch_size=16,
+                                        max_length=32)
+    data.connect(model)
+    model.num_labels, model.label_names = data.num_labels, data.label_names
+    before = weights(model.model)
+    norm = GradNorm()
+    accelerator = "cuda" if precision_name == "16-mixed" else "cpu"
+    run = trainer(tmp_path, max_steps=1, limit_val_batches=0, precision=precision_name, gradient_clip_val=clip,
+                  callbacks=[norm], accelerator=accelerator)
+    run.fit(model, data)
+    assert bool(run.optimizers[0].defaults.get("fused")) is fused
+    return {k: model.model.state_dict()[k].cpu() - v.cpu() for k, v in before.items()}, norm.norms[-1]
+
+
+@pytest.mark.parametrize("precision_name", [
+    "bf16-mixed",
+    # Lightning turns 16-mixed into bf16-mixed on CPU: the fp16 scaler path needs a GPU.
+    pytest.param("16-mixed", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP needs CUDA")),
+])
+def test_fused_optimizer_clips_under_mixed_precision(tmp_path, tiny_bert, text_files, precision_name):
+    """Lightning's MixedPrecision refuses to clip for fused optimizers ("performs unscaling of gradients internally"),
+    which stopped every transformer recipe (fused AdamW + gradient_clip_val) under bf16-mixed at its first step. ptft
+    clips them: the gradient norm after the step is the clip value, and the step equals the non-fused optimizer's
+    (for fp16, whose scaler must unscale before clipping and not again in the fused kernel)."""
+    clip = 1e-3
+    fused_step, fused_norm = _one_clipped_step(tmp_path / "fused", tiny_bert, text_files, precision_name, True, clip)
+    plain_step, plain_norm = _one_clipped_step(tmp_path / "plain", tiny_bert, text_files, precision_name, False, clip)
+    assert fused_norm == pytest.approx(clip, rel=1e-2)
+    assert plain_norm == pytest.approx(clip, rel=1e-2)
+    for name, delta in plain_step.items():
+        assert torch.allclose(fused_step[name], delta, atol=1e-6, rtol=1e-3), name
+    assert any(d.abs().max() > 0 for d in fused_step.values())
