@@ -108,6 +108,7 @@ MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def run_in_subprocess(script: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     """Runs ``script --one ...`` in a fresh process (``env`` added) and returns the JSON it printed after ``RESULT``."""
+    WORK.mkdir(parents=True, exist_ok=True)
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=WORK,
                          env={**os.environ, **(env or {})})
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -116,6 +116,7 @@ def test_cli_decides_auto_and_records_the_choice(run_cli, tiny_bert, text_files,
     cli = run_cli(["fit", "--model=ptft.text.TextClassifier", f"--model.model_name={tiny_bert}",
                    "--data=ptft.text.TextClassificationDataModule", f"--data.train_file={text_files['train']}",
                    f"--data.val_file={text_files['val']}", f"--trainer.precision={asked}", "--trainer.max_steps=1",
+                   "--trainer.gradient_clip_val=1.0",  # as every transformer recipe (fused AdamW: see below)
                    "--trainer.limit_val_batches=1"])
     assert cli.trainer.precision == expected
     assert len(calls) == (asked == "auto")
