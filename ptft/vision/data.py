@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 import zipfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ptft.core.data import ClassificationDataModule, cached_checks
 from ptft.core.errors import PtftError
+from ptft.core.files import (
+    FileSource,
+    describe,
+    drop_unreadable,
+    file_stamps,
+    list_files,
+    list_labelled_files,
+    open_file,
+)
 from ptft.core.labels import discover_label_names, encode_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -57,102 +61,24 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
 
 
-@dataclass
-class ImageSource:
-    """Where images live: a folder on disk or a folder inside a zip archive (``archive`` set)."""
-
-    root: Path
-    archive: Path | None = None
-
-    @classmethod
-    def parse(cls, location: str, arg: str) -> ImageSource:
-        """``data/train``, ``cifar10.zip`` or ``cifar10.zip/train`` (a folder inside the archive)."""
-        path = Path(location).expanduser()
-        if path.is_dir():
-            return cls(path)
-        for parent in [path, *path.parents]:
-            if parent.is_file() and zipfile.is_zipfile(parent):
-                return cls(Path(path.relative_to(parent).as_posix()), archive=parent)
-        if path.exists():
-            raise PtftError(f"{arg}: {location!r} is neither a folder, a zip archive nor a .csv file")
-        raise PtftError(f"{arg}: {location!r} does not exist (working directory: {Path.cwd()})")
+#: An image's location (a file, or a member of a zip archive): the one shared by every modality.
+ImageSource = FileSource
 
 
 def list_samples(location: str, arg: str, path_column: str, label_column: str) -> tuple[list[tuple[ImageSource, str]], list[str]]:
     """(image, label) pairs from a class-folder tree, a zip of one, or a CSV of paths and labels."""
-    if location.lower().endswith(".csv"):
-        csv_path = Path(location).expanduser()
-        if not csv_path.is_file():
-            raise PtftError(f"{arg}: {location!r} does not exist")
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in (path_column, label_column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise PtftError(f"{csv_path} has no column {missing[0]!r} (columns: {reader.fieldnames})")
-            rows = list(reader)
-        samples = [(ImageSource(csv_path.parent / row[path_column]), row[label_column]) for row in rows]
-        return samples, [s[1] for s in samples]
-    source = ImageSource.parse(location, arg)
-    if source.archive is None:
-        files = sorted(p for p in source.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        pairs = [(ImageSource(p), p.relative_to(source.root).parts[0]) for p in files if p.parent != source.root]
-    else:
-        prefix = "" if str(source.root) == "." else source.root.as_posix().rstrip("/") + "/"
-        with zipfile.ZipFile(source.archive) as zf:
-            names = sorted(n for n in zf.namelist() if n.startswith(prefix) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
-        pairs = []
-        for name in names:
-            parts = PurePosixPath(name[len(prefix) :]).parts
-            if len(parts) >= 2:
-                pairs.append((ImageSource(Path(name), archive=source.archive), parts[0]))
-    if not pairs:
-        raise PtftError(f"{arg}: no images in class folders under {location!r} (expected <root>/<class>/<image>)")
-    return pairs, [label for _, label in pairs]
+    return list_labelled_files(location, arg, IMAGE_SUFFIXES, path_column, label_column, kind="images")
 
 
 def list_images(location: str, arg: str, path_column: str | None = None) -> list[ImageSource]:
     """Every image under a folder or a zip archive (or a folder inside one), at any depth (folder names are
     ignored); or, with ``path_column``, the images a CSV file lists (paths relative to it; other columns ignored)."""
-    if path_column is not None and location.lower().endswith(".csv"):
-        csv_path = Path(location).expanduser()
-        if not csv_path.is_file():
-            raise PtftError(f"{arg}: {location!r} does not exist")
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            if path_column not in (reader.fieldnames or []):
-                raise PtftError(f"{csv_path} has no column {path_column!r} (columns: {reader.fieldnames})")
-            images = [ImageSource(csv_path.parent / row[path_column]) for row in reader]
-        if not images:
-            raise PtftError(f"{arg}: {location!r} lists no images")
-        return images
-    source = ImageSource.parse(location, arg)
-    if source.archive is None:
-        images = [ImageSource(p) for p in sorted(source.root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        prefix = "" if str(source.root) == "." else source.root.as_posix().rstrip("/") + "/"
-        with zipfile.ZipFile(source.archive) as zf:
-            names = sorted(n for n in zf.namelist() if n.startswith(prefix) and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
-        images = [ImageSource(Path(n), archive=source.archive) for n in names]
-    if not images:
-        raise PtftError(f"{arg}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {location!r}")
-    return images
-
-
-def describe(source: ImageSource) -> str:
-    """Where an image is, as users wrote it: ``path`` or ``archive.zip/member``."""
-    return f"{source.archive}/{source.root}" if source.archive else str(source.root)
+    return list_files(location, arg, IMAGE_SUFFIXES, path_column, kind="images")
 
 
 def open_image(source: ImageSource, archives: dict[tuple[int, Path], zipfile.ZipFile]) -> Image.Image:
     """Opens an image lazily (header only) from disk or from a zip archive whose handle is kept in ``archives``."""
-    if source.archive is None:
-        return Image.open(source.root)
-    # Keyed by process: a forked DataLoader or check worker must not share the parent's file offset.
-    key = (os.getpid(), source.archive)
-    archive = archives.get(key)
-    if archive is None:
-        archive = archives[key] = zipfile.ZipFile(source.archive)
-    return Image.open(io.BytesIO(archive.read(source.root.as_posix())))
+    return Image.open(open_file(source, archives))
 
 
 _CHECK_ARCHIVES: dict[tuple[int, Path], zipfile.ZipFile] = {}  # each check worker opens an archive once
@@ -175,32 +101,6 @@ def probe_images(images: list[ImageSource]) -> list[list[int] | str]:
     return results
 
 
-def _stamps(images: list[ImageSource]) -> list[tuple[str, str] | None]:
-    """Cache key and stamp of each image: its absolute path, size and modification time (an archive member's are its
-    archive's: rewriting the archive checks its members again). ``None`` for a missing file."""
-    archives: dict[Path, tuple[str, str] | None] = {}
-    stamps: list[tuple[str, str] | None] = []
-    for source in images:
-        if source.archive is None:
-            name = os.path.abspath(source.root)
-            try:
-                stat = os.stat(name)
-            except OSError:
-                stamps.append(None)
-                continue
-            stamps.append((f"image-v1:{name}", f"{stat.st_size}:{stat.st_mtime_ns}"))
-            continue
-        if source.archive not in archives:  # one stat per archive, not per member
-            try:
-                stat = source.archive.stat()
-                archives[source.archive] = (str(source.archive.resolve()), f"{stat.st_size}:{stat.st_mtime_ns}")
-            except OSError:
-                archives[source.archive] = None
-        archive = archives[source.archive]
-        stamps.append(None if archive is None else (f"image-v1:{archive[0]}/{source.root.as_posix()}", archive[1]))
-    return stamps
-
-
 def image_sizes(images: list[ImageSource]) -> list[tuple[int, int] | str]:
     """Upright ``(width, height)`` of every image, or why it cannot be read (:func:`probe_images`).
 
@@ -208,7 +108,7 @@ def image_sizes(images: list[ImageSource]) -> list[tuple[int, int] | str]:
     processes and is cached (keyed by file path, size and modification time) in ``~/.cache/ptft/checks.sqlite``, so
     a second run over unchanged files reads the cache only. Measured by ``bench/image_check.py``.
     """
-    results = cached_checks(images, _stamps(images), probe_images)
+    results = cached_checks(images, file_stamps(images, "image-v1"), probe_images)
     return [tuple(r) if isinstance(r, list) else r for r in results]
 
 
@@ -449,15 +349,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         images = [image for image, _ in rows]
         # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
         problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(images)) if isinstance(s, str)])
-        if not problems:
-            return rows
-        where = f"{describe(images[problems[0][0]])} ({problems[0][1]})"
-        if self.on_bad_image == "error" or split == "predict":
-            hint = "" if split == "predict" else "; remove them or set data.init_args.on_bad_image=skip"
-            raise PtftError(f"{len(problems)} unreadable image(s) in {split}, first: {where}{hint}")
-        rank_zero_warn(f"skipping {len(problems)} unreadable image(s) in {split}, first: {where}")
-        bad = {i for i, _ in problems}
-        return [row for i, row in enumerate(rows) if i not in bad]
+        return drop_unreadable(rows, problems, lambda i: describe(images[i]), split, self.on_bad_image, "image",
+                               "on_bad_image")
 
     def build(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> ImageDataset:
         images = [image for image, _ in rows]

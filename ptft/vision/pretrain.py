@@ -19,11 +19,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
+from ptft.core.files import drop_unreadable
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import FineTuneModule
 from ptft.vision.data import ImageDataset, ImageSource, collate, describe, image_sizes, list_images
@@ -140,15 +140,8 @@ class UnlabeledImageDataModule(FineTuneDataModule):
     def check(self, split: str, rows: list[ImageSource]) -> list[ImageSource]:
         # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
         problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(rows)) if isinstance(s, str)])
-        if not problems:
-            return rows
-        where = f"{describe(rows[problems[0][0]])} ({problems[0][1]})"
-        if self.on_bad_image == "error":
-            raise PtftError(f"{len(problems)} unreadable image(s) in {split}, first: {where}; "
-                            "remove them or set data.init_args.on_bad_image=skip")
-        rank_zero_warn(f"skipping {len(problems)} unreadable image(s) in {split}, first: {where}")
-        bad = {i for i, _ in problems}
-        return [image for i, image in enumerate(rows) if i not in bad]
+        return drop_unreadable(rows, problems, lambda i: describe(rows[i]), split, self.on_bad_image, "image",
+                               "on_bad_image")
 
     def build(self, split: str, rows: list[ImageSource]) -> ImageDataset:
         return ImageDataset(rows, None, self.transform())
