@@ -9,6 +9,7 @@ from ptft.core.data import ClassificationDataModule, FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.freezing import (
     BitFit,
+    FreezeFeatureEncoder,
     FreezeSchedule,
     FreezeUnfreeze,
     GradualUnfreeze,
@@ -33,6 +34,7 @@ __all__ = [
     "EMAWarmupWeightAveraging",
     "FineTuneDataModule",
     "FineTuneModule",
+    "FreezeFeatureEncoder",
     "FreezeSchedule",
     "FreezeUnfreeze",
     "GradualUnfreeze",

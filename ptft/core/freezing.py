@@ -238,3 +238,23 @@ class BitFit(FreezeSchedule):
 
     def __init__(self) -> None:
         super().__init__(train_layers=-1, biases_only=True)
+
+
+class FreezeFeatureEncoder(FreezeSchedule):
+    """Keeps the convolutional feature encoder of wav2vec2-style speech models (wav2vec2, HuBERT, WavLM, data2vec
+    audio: ``*.feature_extractor.*``) frozen for the whole run, as their fine-tuning recipes do (transformers'
+    ``freeze_feature_encoder()``); everything else trains, optionally on a schedule.
+
+    Args:
+        patterns: Parameter-name patterns of the feature encoder (``ptft inspect-layers`` shows the names).
+        unfreeze_every_n_epochs: Gradual unfreezing of the rest (head first), as :class:`FreezeSchedule`.
+        train_layers: Layer groups, counted from the top, that train from the start (``-1``: all but the encoder).
+    """
+
+    def __init__(
+        self, patterns: list[str] | None = None, unfreeze_every_n_epochs: int | None = None, train_layers: int = -1
+    ) -> None:
+        super().__init__(
+            train_layers=train_layers, unfreeze_every_n_epochs=unfreeze_every_n_epochs,
+            freeze=patterns or ["*feature_extractor.*"],
+        )

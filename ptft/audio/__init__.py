@@ -1,0 +1,17 @@
+"""Audio tasks without torchaudio: soundfile decoding, soxr resampling, spectrograms in torch, Hugging Face audio
+models and timm CNNs over spectrograms."""
+
+from ptft.audio.augment import WaveAugment
+from ptft.audio.data import AudioClassificationDataModule
+from ptft.audio.features import SpecAugmentConfig, Spectrogram, SpectrogramConfig
+from ptft.audio.modules import AudioClassifier, SpectrogramClassifier
+
+__all__ = [
+    "AudioClassificationDataModule",
+    "AudioClassifier",
+    "SpecAugmentConfig",
+    "Spectrogram",
+    "SpectrogramClassifier",
+    "SpectrogramConfig",
+    "WaveAugment",
+]
