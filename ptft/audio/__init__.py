@@ -1,6 +1,7 @@
 """Audio tasks without torchaudio: soundfile decoding, soxr resampling, spectrograms in torch, Hugging Face audio
 models and timm CNNs over spectrograms."""
 
+from ptft.audio.asr import SpeechRecognitionDataModule, SpeechRecognizer
 from ptft.audio.augment import WaveAugment
 from ptft.audio.data import AudioClassificationDataModule
 from ptft.audio.features import SpecAugmentConfig, Spectrogram, SpectrogramConfig
@@ -13,5 +14,7 @@ __all__ = [
     "Spectrogram",
     "SpectrogramClassifier",
     "SpectrogramConfig",
+    "SpeechRecognitionDataModule",
+    "SpeechRecognizer",
     "WaveAugment",
 ]

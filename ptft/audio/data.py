@@ -60,6 +60,17 @@ class AudioDataset(Dataset):
         return item
 
 
+def collate_labels(items: list[dict[str, Any]]) -> torch.Tensor:
+    """Class ids as a tensor; token-id lists (speech recognition) padded with -100, the ignored index of the loss."""
+    labels = [it["labels"] for it in items]
+    if not isinstance(labels[0], list):
+        return torch.tensor(labels)
+    out = torch.full((len(labels), max(len(x) for x in labels)), -100, dtype=torch.long)
+    for i, ids in enumerate(labels):
+        out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
 class PadCollate:
     """Waveforms -> ``input_values`` ``(batch, samples)`` zero-padded to the longest, with ``attention_mask``."""
 
@@ -73,7 +84,7 @@ class PadCollate:
             mask[i, :n] = 1
         batch = {"input_values": waves, "attention_mask": mask}
         if "labels" in items[0]:
-            batch["labels"] = torch.tensor([it["labels"] for it in items])
+            batch["labels"] = collate_labels(items)
         return batch
 
 
@@ -90,7 +101,7 @@ class FeatureExtractorCollate:
         batch = dict(self.extractor(waves, sampling_rate=self.sampling_rate, padding=True, return_attention_mask=True,
                                     return_tensors="pt"))
         if "labels" in items[0]:
-            batch["labels"] = torch.tensor([it["labels"] for it in items])
+            batch["labels"] = collate_labels(items)
         return batch
 
 

@@ -37,9 +37,9 @@ def build_hf_model(
         name = resolve_model_name(model_name)
         config = load_pretrained(AutoConfig.from_pretrained, name, "config", **overrides, **config_values)
     if pretrained:
-        # A fine-tuned model with another label set (2-class SST-2 -> 3-class NLI): the head is re-initialised, with
-        # transformers' warning naming it. Only task heads change size: the rest of the config is the checkpoint's.
-        resize = {"ignore_mismatched_sizes": True} if "num_labels" in config_values else {}
+        # A fine-tuned model with another label set (2-class SST-2 -> 3-class NLI) or CTC vocabulary: the head is
+        # re-initialised, with transformers' warning naming it. Only task heads change size: the rest of the config is the checkpoint's.
+        resize = {"ignore_mismatched_sizes": True} if {"num_labels", "vocab_size"} & set(config_values) else {}
         # transformers 5 keeps the stored dtype (bf16 for most LLMs): fp32 weights here, the Trainer's precision
         # decides the compute dtype (bf16-mixed keeps fp32 master weights, as mixed precision should).
         return load_pretrained(auto_class.from_pretrained, name, config=config, dtype=torch.float32, **resize)

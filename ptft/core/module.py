@@ -255,6 +255,13 @@ class FineTuneModule(L.LightningModule):
         with torch.inference_mode(False):  # states reset under inference mode could not be updated by a later fit
             self.metrics[f"{stage}_"].reset()
 
+    def on_fit_start(self) -> None:
+        # A trainer.validate() before fit() (a notebook's baseline) leaves metric states created under inference mode,
+        # which fit's steps could not update in place: fresh states, outside inference mode.
+        with torch.inference_mode(False):
+            for metrics in self.metrics.values():
+                metrics.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")
 

@@ -29,3 +29,21 @@ def tiny_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> str:
     Wav2Vec2ForSequenceClassification(config).save_pretrained(path)
     Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ctc_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer, hidden-64 wav2vec2 at 8 kHz with pre-LayerNorm blocks (``do_stable_layer_norm``, as
+    wav2vec2-large-lv60): unlike post-LN at this size it leaves the all-blank CTC plateau within ~150 steps."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    path = tmp_path_factory.mktemp("tiny-ctc-wav2vec2")
+    config = Wav2Vec2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, conv_dim=(32, 32, 32),
+        conv_stride=(5, 4, 2), conv_kernel=(10, 8, 4), num_feat_extract_layers=3, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, feat_extract_norm="layer", do_stable_layer_norm=True, mask_time_prob=0.0,
+        layerdrop=0.0, hidden_dropout=0.0, final_dropout=0.0,
+    )
+    Wav2Vec2ForCTC(config).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=8000, return_attention_mask=True).save_pretrained(path)
+    return str(path)
