@@ -136,8 +136,7 @@ class SpeechRecognitionDataModule(AudioClassificationDataModule):
     def build(self, split: str, rows: list[tuple[FileSource, str | None]]) -> AudioDataset:
         index = {name: i for i, name in enumerate(self.label_names)}
         labels = None if split == "predict" else [encode_transcript(text, index) for _, text in rows]
-        augment = self.augment if split == "train" else None
-        return AudioDataset([source for source, _ in rows], labels, self.sampling_rate, None, augment, random_crop=False)
+        return self.clips(split, [source for source, _ in rows], labels)  # whole clips: clip_seconds is None
 
 
 def describe_row(source: FileSource) -> str:

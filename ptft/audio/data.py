@@ -105,7 +105,108 @@ class FeatureExtractorCollate:
         return batch
 
 
-class AudioClassificationDataModule(ClassificationDataModule):
+class AudioReading:
+    """What every audio data module shares: the model's sampling rate and feature extractor, the checks of every file
+    (unreadable, empty, silent, rate), the dataset of clips and the collation. Call :meth:`init_audio` in
+    ``__init__``; rows are ``(file, label or None)`` pairs."""
+
+    def init_audio(
+        self, sampling_rate: int | None, resample: bool, clip_seconds: float | None, random_crop: bool,
+        augment: WaveAugment | dict | None, feature_extractor: str | None, on_bad_audio: str, on_silent: str,
+    ) -> None:
+        if clip_seconds is not None and clip_seconds <= 0:
+            raise PtftError(f"clip_seconds must be > 0 (or null for whole clips), got {clip_seconds}")
+        self.given_rate = sampling_rate
+        self.resample = resample
+        self.clip_seconds = clip_seconds
+        self.random_crop = random_crop
+        self.augment = WaveAugment.coerce(augment)
+        self.feature_extractor_name = feature_extractor
+        self.on_bad_audio = on_bad_audio
+        self.on_silent = on_silent
+        self.model_rate: int | None = None
+        self.extractor: Any = None
+
+    def connect(self, model: L.LightningModule) -> None:
+        """Takes the model's sampling rate and feature extractor (``model.sampling_rate``,
+        ``model.feature_extractor_name``)."""
+        self.model_rate = getattr(model, "sampling_rate", None)
+        name = self.feature_extractor_name or getattr(model, "feature_extractor_name", None)
+        if name is not None and self.extractor is None:
+            from transformers import AutoFeatureExtractor
+
+            from ptft.core.hub import load_pretrained, resolve_model_name
+
+            self.extractor = load_pretrained(AutoFeatureExtractor.from_pretrained, resolve_model_name(name),
+                                             "feature extractor")
+        if self.extractor is not None:
+            rate = getattr(self.extractor, "sampling_rate", None)
+            if rate is not None and self.model_rate is not None and rate != self.model_rate:
+                raise PtftError(f"the feature extractor expects {rate} Hz, the model {self.model_rate} Hz")
+            self.model_rate = rate or self.model_rate
+        if self.given_rate is not None and self.model_rate is not None and self.given_rate != self.model_rate:
+            raise PtftError(
+                f"sampling_rate={self.given_rate} but the model expects {self.model_rate} Hz: drop "
+                "data.init_args.sampling_rate (clips are resampled to the model's rate)"
+            )
+
+    @property
+    def sampling_rate(self) -> int:
+        """The rate every clip is brought to."""
+        rate = self.given_rate or self.model_rate
+        if rate is None:
+            raise PtftError("no sampling rate: set data.init_args.sampling_rate, or connect a model that has one")
+        return rate
+
+    def check(self, split: str, rows: list[tuple[FileSource, str | None]]) -> list[tuple[FileSource, str | None]]:
+        sources = [f for f, _ in rows]
+        rate = self.sampling_rate
+
+        def problems() -> tuple[list[tuple[int, str]], list[int], tuple[int, int] | None]:
+            bad, silent, mismatch = [], [], None
+            for i, info in enumerate(audio_info(sources)):
+                if isinstance(info, str):
+                    bad.append((i, info))
+                    continue
+                if info[3] < SILENCE_PEAK:
+                    silent.append(i)
+                if mismatch is None and int(info[1]) != rate:
+                    mismatch = (i, int(info[1]))
+            return bad, silent, mismatch
+
+        # One check for N processes: rank 0 decodes the files (or reads the cache), every rank gets the problems.
+        bad, silent, mismatch = self.on_rank_zero(problems)
+        if mismatch is not None and not self.resample:
+            raise PtftError(
+                f"{describe(sources[mismatch[0]])} is {mismatch[1]} Hz, the model expects {rate} Hz: set "
+                "data.init_args.resample=true, or resample the files"
+            )
+        kept = drop_unreadable(rows, bad, lambda i: describe(sources[i]), split, self.on_bad_audio, "audio file",
+                               "on_bad_audio")
+        if not silent:
+            return kept
+        what = f"{len(silent)} silent clip(s) (peak below -80 dBFS) in {split}, first: {describe(sources[silent[0]])}"
+        if self.on_silent == "error":
+            raise PtftError(f"{what}; remove them or set data.init_args.on_silent=skip (or keep)")
+        if self.on_silent == "keep" or split == "predict":
+            rank_zero_warn(f"{what}; kept (data.init_args.on_silent=skip drops them)")
+            return kept
+        rank_zero_warn(f"skipping {what}")
+        dropped = {i for i, _ in bad} | set(silent)
+        return [row for i, row in enumerate(rows) if i not in dropped]
+
+    def clips(self, split: str, sources: list[FileSource], labels: list[Any] | None) -> AudioDataset:
+        """The dataset of a split: training clips cropped and augmented, the others whole."""
+        training = split == "train"
+        clip = round(self.clip_seconds * self.sampling_rate) if training and self.clip_seconds else None
+        return AudioDataset(sources, labels, self.sampling_rate, clip, self.augment if training else None,
+                            random_crop=self.random_crop)
+
+    def collate_fn(self) -> Any:
+        return FeatureExtractorCollate(self.extractor, self.sampling_rate) if self.extractor is not None else PadCollate()
+
+
+class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
     """Audio classification data, decoded with soundfile and resampled with soxr to the model's sampling rate.
 
     Each split is an audio-folder tree (``root/<label>/<clip>``: wav, flac, ogg, opus, mp3), a zip archive holding
@@ -169,18 +270,8 @@ class AudioClassificationDataModule(ClassificationDataModule):
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) audio")
-        if clip_seconds is not None and clip_seconds <= 0:
-            raise PtftError(f"clip_seconds must be > 0 (or null for whole clips), got {clip_seconds}")
-        self.given_rate = sampling_rate
-        self.resample = resample
-        self.clip_seconds = clip_seconds
-        self.random_crop = random_crop
-        self.augment = WaveAugment.coerce(augment)
-        self.feature_extractor_name = feature_extractor
-        self.on_bad_audio = on_bad_audio
-        self.on_silent = on_silent
-        self.model_rate: int | None = None
-        self.extractor: Any = None
+        self.init_audio(sampling_rate, resample, clip_seconds, random_crop, augment, feature_extractor, on_bad_audio,
+                        on_silent)
         self.columns = (path_column, label_column)
         self.samples = {
             split: list_labelled_files(loc, split, AUDIO_SUFFIXES, *self.columns, kind="audio files")
@@ -202,37 +293,6 @@ class AudioClassificationDataModule(ClassificationDataModule):
                 encode_labels(self.samples[split][1], names, split)
         return names
 
-    def connect(self, model: L.LightningModule) -> None:
-        """Takes the model's sampling rate and feature extractor (``model.sampling_rate``,
-        ``model.feature_extractor_name``)."""
-        self.model_rate = getattr(model, "sampling_rate", None)
-        name = self.feature_extractor_name or getattr(model, "feature_extractor_name", None)
-        if name is not None and self.extractor is None:
-            from transformers import AutoFeatureExtractor
-
-            from ptft.core.hub import load_pretrained, resolve_model_name
-
-            self.extractor = load_pretrained(AutoFeatureExtractor.from_pretrained, resolve_model_name(name),
-                                             "feature extractor")
-        if self.extractor is not None:
-            rate = getattr(self.extractor, "sampling_rate", None)
-            if rate is not None and self.model_rate is not None and rate != self.model_rate:
-                raise PtftError(f"the feature extractor expects {rate} Hz, the model {self.model_rate} Hz")
-            self.model_rate = rate or self.model_rate
-        if self.given_rate is not None and self.model_rate is not None and self.given_rate != self.model_rate:
-            raise PtftError(
-                f"sampling_rate={self.given_rate} but the model expects {self.model_rate} Hz: drop "
-                "data.init_args.sampling_rate (clips are resampled to the model's rate)"
-            )
-
-    @property
-    def sampling_rate(self) -> int:
-        """The rate every clip is brought to."""
-        rate = self.given_rate or self.model_rate
-        if rate is None:
-            raise PtftError("no sampling rate: set data.init_args.sampling_rate, or connect a model that has one")
-        return rate
-
     # --- the base's hooks -----------------------------------------------------------------------------------
     def load_split(self, split: str) -> list[tuple[FileSource, str | None]] | None:
         """``(file, label)`` pairs; clips to predict need no label (``None``) and may lie at any depth."""
@@ -244,50 +304,6 @@ class AudioClassificationDataModule(ClassificationDataModule):
         samples = self.samples[split]
         return None if samples is None else samples[0]
 
-    def check(self, split: str, rows: list[tuple[FileSource, str | None]]) -> list[tuple[FileSource, str | None]]:
-        sources = [f for f, _ in rows]
-        rate = self.sampling_rate
-
-        def problems() -> tuple[list[tuple[int, str]], list[int], tuple[int, int] | None]:
-            bad, silent, mismatch = [], [], None
-            for i, info in enumerate(audio_info(sources)):
-                if isinstance(info, str):
-                    bad.append((i, info))
-                    continue
-                if info[3] < SILENCE_PEAK:
-                    silent.append(i)
-                if mismatch is None and int(info[1]) != rate:
-                    mismatch = (i, int(info[1]))
-            return bad, silent, mismatch
-
-        # One check for N processes: rank 0 decodes the files (or reads the cache), every rank gets the problems.
-        bad, silent, mismatch = self.on_rank_zero(problems)
-        if mismatch is not None and not self.resample:
-            raise PtftError(
-                f"{describe(sources[mismatch[0]])} is {mismatch[1]} Hz, the model expects {rate} Hz: set "
-                "data.init_args.resample=true, or resample the files"
-            )
-        kept = drop_unreadable(rows, bad, lambda i: describe(sources[i]), split, self.on_bad_audio, "audio file",
-                               "on_bad_audio")
-        if not silent:
-            return kept
-        what = f"{len(silent)} silent clip(s) (peak below -80 dBFS) in {split}, first: {describe(sources[silent[0]])}"
-        if self.on_silent == "error":
-            raise PtftError(f"{what}; remove them or set data.init_args.on_silent=skip (or keep)")
-        if self.on_silent == "keep" or split == "predict":
-            rank_zero_warn(f"{what}; kept (data.init_args.on_silent=skip drops them)")
-            return kept
-        rank_zero_warn(f"skipping {what}")
-        dropped = {i for i, _ in bad} | set(silent)
-        return [row for i, row in enumerate(rows) if i not in dropped]
-
     def build(self, split: str, rows: list[tuple[FileSource, str | None]]) -> AudioDataset:
-        sources = [f for f, _ in rows]
         labels = None if split == "predict" else encode_labels([label for _, label in rows], self.label_names, split)
-        training = split == "train"
-        clip = round(self.clip_seconds * self.sampling_rate) if training and self.clip_seconds else None
-        return AudioDataset(sources, labels, self.sampling_rate, clip, self.augment if training else None,
-                            random_crop=self.random_crop)
-
-    def collate_fn(self) -> Any:
-        return FeatureExtractorCollate(self.extractor, self.sampling_rate) if self.extractor is not None else PadCollate()
+        return self.clips(split, [f for f, _ in rows], labels)
