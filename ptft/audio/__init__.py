@@ -6,6 +6,7 @@ from ptft.audio.augment import WaveAugment
 from ptft.audio.data import AudioClassificationDataModule
 from ptft.audio.features import SpecAugmentConfig, Spectrogram, SpectrogramConfig
 from ptft.audio.modules import AudioClassifier, SpectrogramClassifier
+from ptft.audio.pretrain import UnlabeledAudioDataModule, Wav2Vec2Pretrainer
 
 __all__ = [
     "AudioClassificationDataModule",
@@ -16,5 +17,7 @@ __all__ = [
     "SpectrogramConfig",
     "SpeechRecognitionDataModule",
     "SpeechRecognizer",
+    "UnlabeledAudioDataModule",
     "WaveAugment",
+    "Wav2Vec2Pretrainer",
 ]
