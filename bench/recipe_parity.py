@@ -53,12 +53,14 @@ TASKS: dict[str, tuple[str, dict[str, str], bool]] = {
     "sst2": ("dev accuracy", {
         "ptft": "ptft `text/sst2.yaml`",
         "ptft_grouped": "ptft `text/sst2.yaml`, `group_by_length: true`",
+        "ptft_auto": "ptft `text/sst2.yaml`, the recipe's `precision: auto`",
         "ref": "HF Trainer, `run_glue` defaults",
     }, True),
     "wnut17": ("dev entity F1", {
         "ptft": "ptft `text/ner.yaml`",
         "ptft_grouped": "ptft `text/ner.yaml`, `group_by_length: true`",
         "ptft_noclip": "ptft `text/ner.yaml`, no gradient clipping",
+        "ptft_auto": "ptft `text/ner.yaml`, the recipe's `precision: auto`",
         "ref": "HF Trainer, `run_ner` defaults",
     }, True),
     "cifar10": ("test accuracy", {
@@ -75,16 +77,25 @@ def ptft_cli(args: list[str]):
     return run_cli(args, run=False)
 
 
-def ptft_fit(args: list[str], metric: str, epochs: int | None = None) -> dict:
+def ptft_fit(args: list[str], metric: str, epochs: int | None = None, precision: str = "32-true") -> dict:
     """Fits a recipe (CLI arguments), timing the training batches; the metric after the last epoch. With ``epochs``,
-    trains that many and validates only after the last (as the references evaluate once, at the end)."""
+    trains that many and validates only after the last (as the references evaluate once, at the end).
+
+    ``precision`` is fp32 by default, as the references train (HF Trainer and timm's ``train.py`` enable mixed
+    precision only when asked): the recipes' ``precision: auto`` picks bf16-mixed on CPUs with native bf16, which
+    would compare bf16 against fp32. The ``ptft_auto`` systems run the recipe's own ``auto``."""
     if epochs is not None:
         args = [*args, f"--trainer.max_epochs={epochs}", f"--trainer.check_val_every_n_epoch={epochs}"]
-    cli = ptft_cli([*args, *QUIET])
+    cli = ptft_cli([*args, *QUIET, f"--trainer.precision={precision}"])
     timer = TrainTimer()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return {"seconds": timer.seconds, "samples": timer.samples, "metric": cli.trainer.callback_metrics[metric].item()}
+    return {"seconds": timer.seconds, "samples": timer.samples, "metric": cli.trainer.callback_metrics[metric].item(),
+            "precision": str(cli.trainer.precision)}
+
+
+def precision_of(variant: str) -> str:
+    return "auto" if variant == "ptft_auto" else "32-true"
 
 
 # --- SST-2 -----------------------------------------------------------------------------------------------------
@@ -95,12 +106,12 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
 
 
 def sst2_ptft(seed: int, variant: str) -> dict:
-    extra = {"ptft": [], "ptft_grouped": ["--data.init_args.group_by_length=true"]}[variant]
+    extra = {"ptft": [], "ptft_auto": [], "ptft_grouped": ["--data.init_args.group_by_length=true"]}[variant]
     train = sst2_subset(SST2, SST2_SIZE, seed=0)
     return ptft_fit(["--config", str(REPO / "recipes/text/sst2.yaml"), f"--model.init_args.model_name={model_dir()}",
                      f"--data.init_args.train_file={train}", f"--data.init_args.val_file={SST2 / 'dev.tsv'}",
                      f"--seed_everything={seed}", f"--trainer.default_root_dir={WORK / 'ptft'}", *extra], "val/acc",
-                    SST2_EPOCHS)
+                    SST2_EPOCHS, precision_of(variant))
 
 
 def hf_args(seed: int, epochs: int, **extra):
@@ -144,12 +155,12 @@ def sst2_ref(seed: int) -> dict:
 
 # --- WNUT-17 NER ---------------------------------------------------------------------------------------------
 def ner_ptft(seed: int, variant: str) -> dict:
-    extra = {"ptft": [], "ptft_grouped": ["--data.init_args.group_by_length=true"],
+    extra = {"ptft": [], "ptft_auto": [], "ptft_grouped": ["--data.init_args.group_by_length=true"],
              "ptft_noclip": ["--trainer.gradient_clip_val=null"]}[variant]
     return ptft_fit(["--config", str(REPO / "recipes/text/ner.yaml"), f"--model.init_args.model_name={model_dir()}",
                      f"--data.init_args.train_file={WNUT / 'train.conll'}", f"--data.init_args.val_file={WNUT / 'dev.conll'}",
                      "--data.init_args.test_file=null", f"--seed_everything={seed}",
-                     f"--trainer.default_root_dir={WORK / 'ptft'}", *extra], "val/f1", NER_EPOCHS)
+                     f"--trainer.default_root_dir={WORK / 'ptft'}", *extra], "val/f1", NER_EPOCHS, precision_of(variant))
 
 
 def read_conll(path: Path) -> tuple[list[list[str]], list[list[str]]]:
@@ -309,11 +320,24 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), to keep apart runs made on different machines."""
+    from ptft.core.precision import _machine
+
+    import torch
+
+    return _machine(torch.device("cpu"))
+
+
 def speed_of(runs: list[dict]) -> float | None:
     """Mean training samples/s of the runs that had the CPU to themselves (``shared_cpu`` runs count for the metric
     only: another job slowed them)."""
     clean = [r["samples"] / r["seconds"] for r in runs if not r.get("shared_cpu")]
     return statistics.mean(clean) if clean else None
+
+
+#: Where the rows measured before results were stored in git ran.
+EARLIER_MACHINE = "a 2-core AMD EPYC without AVX-512 (no native bf16: `precision: auto` is fp32 there)"
 
 
 def earlier_rows(task: str) -> list[str]:
@@ -362,6 +386,7 @@ def main() -> None:
                 result["wall_seconds"] = time.perf_counter() - start
                 ours = os.times().children_user + os.times().children_system - children
                 others = (busy_cpu_seconds() - busy - ours) / result["wall_seconds"]
+                result["cpu"] = cpu_name()
                 result["shared_cpu"] = others > 0.15  # other jobs used > 15% of a core: the time is not clean
                 path.write_text(json.dumps(result))
                 print(f"    {tasks[task][0]} {result['metric']:.4f}, {result['samples'] / result['seconds']:.1f} "
@@ -379,18 +404,23 @@ def render(tasks: dict[str, tuple[str, dict[str, str], bool]], seeds: list[int])
 
     import torch
 
-    rows = []
+    rows, kept, cpus = [], [], set()
     for task, (metric, systems, higher_better) in tasks.items():
         runs = {s: [json.loads(p.read_text()) for seed in seeds if (p := CACHE / f"{task}-{s}-seed{seed}.json").exists()]
                 for s in systems}
         if not runs["ref"] or not runs["ptft"]:
-            rows += earlier_rows(task)
+            kept += [task] if (earlier := earlier_rows(task)) else []
+            rows += earlier
             continue
+        cpus |= {r["cpu"] for rs in runs.values() for r in rs if "cpu" in r}
         ref_mean, ref_std = mean_std([r["metric"] for r in runs["ref"]])
         ref_speed = speed_of(runs["ref"])
         for system, description in systems.items():
             if not runs[system]:
                 continue
+            precisions = sorted({r.get("precision", "32-true") for r in runs[system]} - {"32-true"})
+            if precisions:  # precision auto's choice on this machine
+                description = f"{description} -> {', '.join(precisions)}"
             m, s = mean_std([r["metric"] for r in runs[system]])
             speed = speed_of(runs[system])
             at_parity = m >= ref_mean - ref_std if higher_better else m <= ref_mean + ref_std
@@ -408,7 +438,8 @@ def render(tasks: dict[str, tuple[str, dict[str, str], bool]], seeds: list[int])
         "deviation of the task metric after the last epoch (each seed's value in brackets); training samples/s "
         "exclude tokenisation and evaluation; \"at parity\" = mean >= the reference's mean minus one standard "
         "deviation (<= mean plus one for losses). "
-        f"CPU: {os.cpu_count()} cores, fp32, torch {torch.__version__}, Python {platform.python_version()}.",
+        f"CPU: {os.cpu_count()} cores, fp32 unless a row names another precision, torch {torch.__version__}, "
+        f"Python {platform.python_version()}.",
         "",
         "| task | system | metric: mean ± std (per seed) | train samples/s | vs reference | at parity |",
         "|---|---|---|---:|---:|---|",
@@ -430,6 +461,8 @@ def render(tasks: dict[str, tuple[str, dict[str, str], bool]], seeds: list[int])
         "this benchmark, or a probe of one that differs from the reference's.",
         "- Training samples/s only from runs that had the CPU to themselves (the script checks the machine's other "
         "CPU use); `n/a` where none did.",
+        *([f"- Machines: {'; '.join(sorted(cpus))} (the runs stored in bench/results/parity)."] if cpus else []),
+        *([f"- The {', '.join(kept)} rows are kept from an earlier run on {EARLIER_MACHINE}."] if kept else []),
     ])
 
 
