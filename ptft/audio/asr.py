@@ -20,7 +20,7 @@ from ptft.audio.data import AudioClassificationDataModule, AudioDataset
 from ptft.core.errors import PtftError
 from ptft.core.files import FileSource
 from ptft.core.hf import HFModule, build_hf_model
-from ptft.core.module import LabelledModule
+from ptft.core.classification import LabelledModule
 
 PAD, UNK, WORD = "<pad>", "<unk>", "|"
 

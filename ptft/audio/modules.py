@@ -14,7 +14,7 @@ from ptft.audio.features import SpecAugmentConfig, Spectrogram, SpectrogramConfi
 from ptft.core.errors import PtftError
 from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.layers import timm_layer_ids
-from ptft.core.module import ClassificationModule
+from ptft.core.classification import ClassificationModule
 from ptft.text.heads import EncoderWithHead, SequenceHead, SequenceHeadKind
 from ptft.vision.mixing import BatchMixer, MixupConfig
 from ptft.vision.modules import create_timm_model

@@ -5,6 +5,7 @@ from ptft.core.callbacks import (
     EMAWarmupWeightAveraging,
     WritePredictions,
 )
+from ptft.core.classification import ClassificationModule
 from ptft.core.data import ClassificationDataModule, FineTuneDataModule
 from ptft.core.errors import PtftError
 from ptft.core.freezing import (
@@ -15,7 +16,7 @@ from ptft.core.freezing import (
     GradualUnfreeze,
     LinearProbe,
 )
-from ptft.core.module import ClassificationModule, FineTuneModule, load_checkpoint
+from ptft.core.module import FineTuneModule, load_checkpoint
 from ptft.core.optim import (
     OptimizerConfig,
     SchedulerConfig,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ptft.core.hf import HFModule, build_hf_model, label_config
-from ptft.core.module import ClassificationModule
+from ptft.core.classification import ClassificationModule
 from ptft.text.data import aggregate_windows
 from ptft.text.heads import EncoderWithHead, SequenceHead, SequenceHeadKind
 

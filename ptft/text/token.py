@@ -17,7 +17,7 @@ from ptft.core.data import LabelsMixin
 from ptft.core.errors import PtftError
 from ptft.core.hf import HFModule, build_hf_model, label_config
 from ptft.core.hub import load_pretrained, resolve_model_name
-from ptft.core.module import ClassificationModule
+from ptft.core.classification import ClassificationModule
 from ptft.text.base import TextDataModule, column, sort_by_length
 from ptft.text.heads import EncoderWithHead, TokenHead, TokenHeadKind
 from ptft.text.token_data import (

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchmetrics import MetricCollection
 
-from ptft.core.module import LabelledModule
+from ptft.core.classification import LabelledModule
 
 #: Logged from torchmetrics' MeanAveragePrecision (``bbox_`` entries without the prefix, ``segm_`` ones with it).
 LOGGED_MAP = ("map", "map_50", "map_75", "mar_100")
@@ -26,7 +26,7 @@ class DetectionModule(LabelledModule):
         predict_threshold: Minimum score of the detections written by ``ptft predict`` (mAP uses all of them).
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule`.
 
-    ``num_labels`` / ``label_names`` are :class:`ptft.core.module.LabelledModule`'s (saved, and checked against a
+    ``num_labels`` / ``label_names`` are :class:`ptft.core.classification.LabelledModule`'s (saved, and checked against a
     checkpoint's order on reload); here the default is one category.
     """
 

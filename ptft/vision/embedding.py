@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 
 from ptft.core.errors import PtftError, missing_extra
 from ptft.core.layers import timm_layer_ids
-from ptft.core.module import LabelledModule
+from ptft.core.classification import LabelledModule
 from ptft.vision.embedding_data import IdentityBatchSampler, ImageEmbeddingDataModule
 from ptft.vision.modules import create_timm_model
 from ptft.vision.retrieval_metrics import RetrievalMetrics

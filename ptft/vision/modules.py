@@ -12,7 +12,7 @@ from torch import nn
 from ptft.core.errors import PtftError
 from ptft.core.hub import resolve_model_name
 from ptft.core.layers import timm_layer_ids
-from ptft.core.module import ClassificationModule
+from ptft.core.classification import ClassificationModule
 from ptft.vision.mixing import BatchMixer, MixupConfig
 
 

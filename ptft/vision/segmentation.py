@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from ptft.core.errors import PtftError
 from ptft.core.hf import HFModule, build_hf_model, label_config
-from ptft.core.module import ClassificationModule
+from ptft.core.classification import ClassificationModule
 from ptft.vision.modules import check_backbone_loaded, resolve_weights_file
 from ptft.vision.segmentation_data import IGNORE, IMAGENET_MEAN, IMAGENET_STD
 
