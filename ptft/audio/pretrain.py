@@ -172,6 +172,7 @@ class Wav2Vec2Pretrainer(HFModule, FineTuneModule):
         start, end, decay = self.gumbel
         temperature = max(start * decay**self.global_step, end)
         self.model.set_gumbel_temperature(temperature)
+        # Per step, from global_step alone: the same value on every rank, nothing to reduce.
         self.log("train/gumbel_temperature", temperature, batch_size=batch["input_values"].shape[0])
 
     def save_model(self, model: nn.Module, folder: str) -> None:
