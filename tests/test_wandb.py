@@ -33,6 +33,7 @@ def test_offline_run_stores_full_nested_config_and_metrics(run_cli, tiny_bert, t
     config, history = run_contents(run_dir)
 
     # the full nested recipe, once, not flattened
+    assert "model" in config, f"config keys stored: {sorted(config)}"
     model = config["model"]
     assert model["class_path"] == "ptft.text.TextClassifier"
     assert model["init_args"]["optimizer"]["lr"] == pytest.approx(3e-4)

@@ -56,8 +56,12 @@ def run_contents(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         kind = record.WhichOneof("record_type")
         # the config arrives as config updates, or (when the run starts after it was set) inside the run record
         updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
-        for item in updates:
-            config[item.key] = json.loads(item.value_json)
+        for item in updates:  # a key, or a path of nested keys (how wandb-core may send merged updates)
+            *parents, leaf = list(item.nested_key) or [item.key]
+            target = config
+            for name in parents:
+                target = target.setdefault(name, {})
+            target[leaf] = json.loads(item.value_json)
         if kind in ("config", "run"):
             continue
         if kind == "history":
