@@ -1,4 +1,4 @@
-"""Waveform augmentation of training clips (gain, noise at an SNR, time shift, speed), and the fixed-length crop.
+"""Waveform augmentation of training clips (gain, noise at an SNR, time shift, speed), and the crop to a longest training length.
 
 These run per example in the DataLoader workers, on 1-D float32 numpy waveforms, drawing from torch's random stream
 (Lightning seeds each worker's). The common audio augmentation libraries (audiomentations, torch-audiomentations)
@@ -35,7 +35,7 @@ def _range(value: Any, name: str) -> tuple[float, float] | None:
 class WaveAugment:
     """Training-clip augmentation (``data.init_args.augment`` in a recipe); each is off when ``None`` / 0.
 
-    Applied in this order: speed, then the fixed-length crop, time shift, gain, noise.
+    Applied in this order: speed, then the crop to ``clip_seconds``, time shift, gain, noise.
     """
 
     speed: tuple[float, float] | None = None
@@ -103,15 +103,11 @@ class WaveAugment:
         return wave
 
 
-def crop_or_pad(wave: np.ndarray, length: int, random: bool) -> np.ndarray:
-    """Exactly ``length`` samples: a random (training) or centred window of a longer clip, a shorter one zero-padded
-    at a random (training) or the end position."""
+def crop(wave: np.ndarray, length: int, random: bool) -> np.ndarray:
+    """At most ``length`` samples: a random (training) or centred window of a longer clip; a shorter clip is returned
+    whole. It is not padded here: the batch collation pads it and masks the padding out (spectrogram normalisation,
+    HF attention masks), so a short training clip looks exactly as it does in evaluation."""
     if len(wave) > length:
         start = int(torch.randint(0, len(wave) - length + 1, ())) if random else (len(wave) - length) // 2
         return wave[start : start + length]
-    if len(wave) < length:
-        out = np.zeros(length, dtype=np.float32)
-        start = int(torch.randint(0, length - len(wave) + 1, ())) if random else 0
-        out[start : start + len(wave)] = wave
-        return out
     return wave

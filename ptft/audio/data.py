@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
-from ptft.audio.augment import WaveAugment, crop_or_pad
+from ptft.audio.augment import WaveAugment, crop
 from ptft.audio.io import AUDIO_SUFFIXES, SILENCE_PEAK, audio_info, read_audio
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
@@ -26,7 +26,7 @@ from ptft.core.labels import discover_label_names, encode_labels
 
 
 class AudioDataset(Dataset):
-    """Clips decoded (and resampled) on access, cropped or padded to ``clip_samples`` for training."""
+    """Clips decoded (and resampled) on access; training clips longer than ``clip_samples`` are cropped."""
 
     def __init__(
         self, sources: list[FileSource], labels: list[int] | None, sampling_rate: int, clip_samples: int | None,
@@ -51,7 +51,7 @@ class AudioDataset(Dataset):
         if self.augment is not None:
             wave = self.augment.before_crop(wave)
         if self.clip_samples is not None:
-            wave = crop_or_pad(wave, self.clip_samples, random=self.random_crop)
+            wave = crop(wave, self.clip_samples, random=self.random_crop)
         if self.augment is not None:
             wave = self.augment.after_crop(wave)
         item: dict[str, Any] = {"input_values": wave}
@@ -213,8 +213,9 @@ class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
     one (``data.zip`` or a folder inside it: ``data.zip/train``), or a CSV file of paths (relative to the CSV) and
     labels. Multi-channel files are mixed down to mono (the channels' mean).
 
-    Training clips are cropped at a random position (or zero-padded) to ``clip_seconds`` and augmented; evaluation
-    and prediction clips are used whole, padded to the longest in their batch. Every file is decoded once before
+    Training clips longer than ``clip_seconds`` are cropped at a random position, and augmented; evaluation and
+    prediction clips are used whole. Every batch is padded to its longest clip with an ``attention_mask`` that keeps
+    the padding out of normalisation and pooling, in training as in evaluation. Every file is decoded once before
     training (by rank 0 under DDP, in parallel, cached by file size and modification time): unreadable or empty
     files follow ``on_bad_audio``, silent ones ``on_silent``.
 
@@ -229,7 +230,7 @@ class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
         sampling_rate: The rate clips are resampled to; ``None`` takes the model's (its feature extractor's, or the
             spectrogram model's ``sampling_rate``). A value different from the model's is refused.
         resample: Resample files whose rate differs; ``false`` stops with an error on the first such file instead.
-        clip_seconds: Length of training clips (random crop or zero padding); ``None`` trains on whole clips.
+        clip_seconds: Longest training clip (longer ones are randomly cropped); ``None`` trains on whole clips.
         random_crop: Crop training clips at a random position (``false``: centred).
         augment: Waveform augmentation of training clips (speed, shift, gain, noise): :class:`WaveAugment`.
         feature_extractor: Hugging Face feature extractor (hub name or folder) to run on batches; ``None`` takes the

@@ -62,7 +62,12 @@ class WaveformMixing:
         if stage != "train" or self.mixer is None:
             return super().step(batch, stage)  # type: ignore[misc]
         waves, targets = self.mixer(batch["input_values"], batch["labels"])
-        logits = self({**batch, "input_values": waves})
+        mixed = {**batch, "input_values": waves}
+        if (mask := batch.get("attention_mask")) is not None:
+            # timm mixes each clip with its mirror in the batch: the mix lasts as long as the longer of the two.
+            even = len(mask) - len(mask) % 2
+            mixed["attention_mask"] = torch.cat([torch.maximum(mask[:even], mask[:even].flip(0)), mask[even:]])
+        logits = self(mixed)
         # Accuracy of a mixed batch: against each clip's dominant label.
         return self.soft_target_loss(logits.float(), targets), (logits.detach(), targets.argmax(dim=-1))
 

@@ -72,10 +72,14 @@ def test_sampling_rate_other_than_the_models_is_refused(tmp_path):
         data(write_audio_tree(tmp_path / "t", 2), sampling_rate=22050)
 
 
-def test_training_clips_are_cropped_or_padded_evaluation_clips_whole(tmp_path):
+def test_training_clips_are_cropped_evaluation_clips_whole_and_padding_masked(tmp_path):
     module = data(write_audio_tree(tmp_path / "t", 4, seconds=(0.3, 0.9)), clip_seconds=0.5)
     module.setup("fit")
-    assert {len(module.datasets["train"][i]["input_values"]) for i in range(8)} == {4000}
+    train = module.datasets["train"]
+    lengths = [len(train[i]["input_values"]) for i in range(len(train))]
+    assert max(lengths) == 4000 and min(lengths) < 4000  # long clips cropped, short ones not padded here
+    batch = module.collate_fn()([train[i] for i in range(len(train))])
+    assert (batch["attention_mask"].sum(-1) == torch.tensor(lengths)).all()  # the collation masks the padding
     assert len({len(module.datasets["val"][i]["input_values"]) for i in range(len(module.datasets["val"]))}) > 1
     batch = next(iter(module.val_dataloader()))
     lengths = batch["attention_mask"].sum(-1)
