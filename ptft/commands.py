@@ -64,6 +64,7 @@ class PtftCLI(LightningCLI):
         # jsonargparse skips a link whose source or target the chosen classes lack (tasks without labels).
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
+        parser.link_arguments("data.speaker_names", "model.init_args.speaker_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -7,6 +7,7 @@ from ptft.audio.data import AudioClassificationDataModule
 from ptft.audio.features import SpecAugmentConfig, Spectrogram, SpectrogramConfig
 from ptft.audio.modules import AudioClassifier, SpectrogramClassifier
 from ptft.audio.pretrain import UnlabeledAudioDataModule, Wav2Vec2Pretrainer
+from ptft.audio.tts import SpeechSynthesizer, TextToSpeechDataModule
 
 __all__ = [
     "AudioClassificationDataModule",
@@ -17,6 +18,8 @@ __all__ = [
     "SpectrogramConfig",
     "SpeechRecognitionDataModule",
     "SpeechRecognizer",
+    "SpeechSynthesizer",
+    "TextToSpeechDataModule",
     "UnlabeledAudioDataModule",
     "WaveAugment",
     "Wav2Vec2Pretrainer",

@@ -47,3 +47,22 @@ def tiny_ctc_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> str:
     Wav2Vec2ForCTC(config).save_pretrained(path)
     Wav2Vec2FeatureExtractor(sampling_rate=8000, return_attention_mask=True).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_speecht5(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2+2-layer, hidden-64 SpeechT5 text-to-speech model (4 frames per decoder step) with a 20-band, 8 kHz
+    spectrogram extractor."""
+    from transformers import SpeechT5Config, SpeechT5FeatureExtractor, SpeechT5ForTextToSpeech
+
+    path = tmp_path_factory.mktemp("tiny-speecht5")
+    config = SpeechT5Config(
+        vocab_size=16, hidden_size=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, speech_decoder_prenet_units=64,
+        speech_decoder_postnet_units=64, speech_decoder_postnet_layers=2, num_mel_bins=20, speaker_embedding_dim=8,
+        reduction_factor=4, guided_attention_loss_num_heads=2, max_text_positions=64, max_speech_positions=256,
+        encoder_max_relative_position=32,
+    )
+    SpeechT5ForTextToSpeech(config).save_pretrained(path)
+    SpeechT5FeatureExtractor(sampling_rate=8000, num_mel_bins=20, fmin=50, fmax=3900).save_pretrained(path)
+    return str(path)
