@@ -78,12 +78,13 @@ class TextToSpeechDataModule(SpeechRecognitionDataModule):
     ) -> None:
         if kwargs.get("augment") is not None:
             raise PtftError("text to speech learns the recordings as they are: drop data.init_args.augment")
-        super().__init__(train=train, val=val, test=None if test is None else test, predict=None,
+        super().__init__(train=train, val=val, test=test, predict=None,
                          vocabulary=vocabulary, path_column=path_column, transcript_column=transcript_column,
                          lowercase=lowercase, max_seconds=max_seconds, **kwargs)
         self.speaker_column = speaker_column
         self.text_predict = predict
         self.speaker_of: dict[tuple[str, str], str] = {}
+        seen: dict[str, set[str]] = {}
         if speaker_column is not None:
             from ptft.core.files import _read_csv
 
@@ -93,11 +94,13 @@ class TextToSpeechDataModule(SpeechRecognitionDataModule):
                 csv_path, rows = _read_csv(location, split, [path_column, speaker_column])
                 for row in rows:
                     self.speaker_of[_key(FileSource(csv_path.parent / row[path_column]))] = row[speaker_column]
-        seen = sorted(set(self.speaker_of.values()))
-        self.speaker_names = list(speakers) if speakers is not None else (seen or ["speaker"])
-        unknown = sorted(set(seen) - set(self.speaker_names))
-        if unknown:
-            raise PtftError(f"speaker(s) {unknown[:3]} are not in data.init_args.speakers ({self.speaker_names})")
+                seen[split] = {row[speaker_column] for row in rows}
+        self.speaker_names = list(speakers) if speakers is not None else (sorted(seen.get("train", ())) or ["speaker"])
+        for split, names in seen.items():  # a speaker without training clips would speak with an untrained embedding
+            unknown = sorted(names - set(self.speaker_names))
+            if unknown:
+                raise PtftError(f"{split}: speaker(s) {unknown[:3]} are not among the training speakers "
+                                f"{self.speaker_names[:5]} (or data.init_args.speakers)")
 
     def speaker_id(self, name: str | None) -> int:
         if name is None or name == "":
@@ -113,11 +116,13 @@ class TextToSpeechDataModule(SpeechRecognitionDataModule):
             return None
         from ptft.core.files import _read_csv
 
-        columns = [self.columns[1]] + ([self.speaker_column] if self.speaker_column else [])
-        _, rows = _read_csv(self.text_predict, "predict", columns)
+        _, rows = _read_csv(self.text_predict, "predict", [self.columns[1]])  # the speaker column is optional
         texts = [(self.normalise(row[self.columns[1]]), row.get(self.speaker_column or "", None)) for row in rows]
         if not texts:
             raise PtftError(f"predict: {self.text_predict!r} has no rows")
+        empty = [i + 1 for i, (text, _) in enumerate(texts) if not text]
+        if empty:
+            raise PtftError(f"predict: row {empty[0]} of {self.text_predict!r} has no text to speak")
         self.check_characters("predict", [text for text, _ in texts], self.label_names)
         for _, speaker in texts:
             self.speaker_id(speaker)

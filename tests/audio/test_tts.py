@@ -68,14 +68,18 @@ def test_bad_tts_input_stops_with_one_line(tiny_speecht5, spoken, tmp_path):
         data(spoken).__class__(train=spoken["train"], speaker_column="voice")
     with pytest.raises(PtftError, match="drop data.init_args.augment"):
         data(spoken, augment={"gain_db": [-3, 3]})
-    with pytest.raises(PtftError, match=r"speaker\(s\) \['anna'\] are not in data.init_args.speakers"):
+    with pytest.raises(PtftError, match=r"train: speaker\(s\) \['anna'\] are not among the training speakers"):
         data(spoken, speakers=["ben"])
     module = data(spoken, predict=str(tmp_path / "texts.csv"))
     module.connect(synthesizer(tiny_speecht5, module))
     (tmp_path / "texts.csv").write_text("transcript,speaker\nab,carl\n")
     with pytest.raises(PtftError, match="unknown speaker 'carl'"):
         module.setup("predict")
-    (tmp_path / "texts.csv").write_text("transcript,speaker\nabz,anna\n")
+    (tmp_path / "texts.csv").write_text("transcript,speaker\nab,anna\n ,ben\n")
+    module = data(spoken, predict=str(tmp_path / "texts.csv"))
+    with pytest.raises(PtftError, match="row 2 of .* has no text to speak"):
+        module.setup("predict")
+    (tmp_path / "texts.csv").write_text("transcript\nabz\n")
     module = data(spoken, predict=str(tmp_path / "texts.csv"))
     with pytest.raises(PtftError, match=r"character\(s\) \['z'\] outside the vocabulary"):
         module.setup("predict")
