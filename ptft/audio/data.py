@@ -21,8 +21,8 @@ from ptft.audio.augment import WaveAugment, crop
 from ptft.audio.io import AUDIO_SUFFIXES, SILENCE_PEAK, audio_info, read_audio
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
-from ptft.core.files import FileSource, describe, drop_unreadable, list_files, list_labelled_files
-from ptft.core.labels import discover_label_names, encode_labels
+from ptft.core.files import FileSource, LabelledFileSplits, describe, drop_unreadable
+from ptft.core.labels import encode_labels
 
 
 class AudioDataset(Dataset):
@@ -206,7 +206,7 @@ class AudioReading:
         return FeatureExtractorCollate(self.extractor, self.sampling_rate) if self.extractor is not None else PadCollate()
 
 
-class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
+class AudioClassificationDataModule(AudioReading, LabelledFileSplits, ClassificationDataModule):
     """Audio classification data, decoded with soundfile and resampled with soxr to the model's sampling rate.
 
     Each split is an audio-folder tree (``root/<label>/<clip>``: wav, flac, ogg, opus, mp3), a zip archive holding
@@ -244,6 +244,9 @@ class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
         num_workers: DataLoader worker processes decoding and augmenting clips.
     """
 
+    file_suffixes = AUDIO_SUFFIXES
+    file_kind = "audio files"
+
     def __init__(
         self,
         train: str | None = None,
@@ -273,38 +276,9 @@ class AudioClassificationDataModule(AudioReading, ClassificationDataModule):
             raise PtftError("give train (and optionally val / test) audio")
         self.init_audio(sampling_rate, resample, clip_seconds, random_crop, augment, feature_extractor, on_bad_audio,
                         on_silent)
-        self.columns = (path_column, label_column)
-        self.samples = {
-            split: list_labelled_files(loc, split, AUDIO_SUFFIXES, *self.columns, kind="audio files")
-            if loc is not None else None
-            for split, loc in (("train", train), ("val", val), ("test", test))
-        }
-        self.predict_location = predict
-
-    # --- labels and the model's expectations ------------------------------------------------------------------
-    def discover_labels(self) -> list[str]:
-        train = self.samples["train"]
-        if train is None:
-            if self.given_labels is None:
-                raise PtftError("without training audio, give the label names: data.init_args.labels=[...]")
-            return list(self.given_labels)
-        names = discover_label_names(train[1], self.given_labels, "train")
-        for split in ("val", "test"):
-            if self.samples[split] is not None:
-                encode_labels(self.samples[split][1], names, split)
-        return names
+        self.list_splits(train, val, test, predict, path_column, label_column)
 
     # --- the base's hooks -----------------------------------------------------------------------------------
-    def load_split(self, split: str) -> list[tuple[FileSource, str | None]] | None:
-        """``(file, label)`` pairs; clips to predict need no label (``None``) and may lie at any depth."""
-        if split == "predict":
-            if self.predict_location is None:
-                return None
-            files = list_files(self.predict_location, "predict", AUDIO_SUFFIXES, self.columns[0], kind="audio files")
-            return [(f, None) for f in files]
-        samples = self.samples[split]
-        return None if samples is None else samples[0]
-
     def build(self, split: str, rows: list[tuple[FileSource, str | None]]) -> AudioDataset:
         labels = None if split == "predict" else encode_labels([label for _, label in rows], self.label_names, split)
         return self.clips(split, [f for f, _ in rows], labels)

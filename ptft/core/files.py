@@ -174,3 +174,49 @@ def drop_unreadable(
     bad = {i for i, _ in problems}
     return [row for i, row in enumerate(rows) if i not in bad]
 
+
+
+class LabelledFileSplits:
+    """Splits given as class-folder trees, zips of them, or CSVs of ``path,label``: the listing, the label discovery
+    and the split rows that image and audio classification data share. A data module sets ``file_suffixes`` and
+    ``file_kind`` (``images``, ``audio files``) and calls :meth:`list_splits` in ``__init__``; rows are
+    ``(file, label)`` pairs, ``(file, None)`` to predict."""
+
+    file_suffixes: Collection[str] = ()
+    file_kind: str = "files"
+
+    def list_splits(self, train: str | None, val: str | None, test: str | None, predict: str | None,
+                    path_column: str, label_column: str) -> None:
+        self.columns = (path_column, label_column)
+        self.samples = {
+            split: list_labelled_files(loc, split, self.file_suffixes, *self.columns, kind=self.file_kind)
+            if loc is not None else None
+            for split, loc in (("train", train), ("val", val), ("test", test))
+        }
+        self.predict_location = predict
+
+    def discover_labels(self) -> list[str]:
+        """Sorted training labels (or the given ``labels``); validation and test labels must be among them."""
+        from ptft.core.labels import discover_label_names, encode_labels
+
+        train = self.samples["train"]
+        given = getattr(self, "given_labels", None)
+        if train is None:
+            if given is None:
+                raise PtftError(f"without training {self.file_kind}, give the label names: data.init_args.labels=[...]")
+            return list(given)
+        names = discover_label_names(train[1], given, "train")
+        for split in ("val", "test"):
+            if self.samples[split] is not None:
+                encode_labels(self.samples[split][1], names, split)
+        return names
+
+    def load_split(self, split: str) -> list[tuple[FileSource, str | None]] | None:
+        """``(file, label)`` pairs; files to predict need no label (``None``) and may lie at any depth."""
+        if split == "predict":
+            if self.predict_location is None:
+                return None
+            files = list_files(self.predict_location, "predict", self.file_suffixes, self.columns[0], kind=self.file_kind)
+            return [(f, None) for f in files]
+        samples = self.samples[split]
+        return None if samples is None else samples[0]

@@ -18,11 +18,11 @@ from ptft.core.files import (
     describe,
     drop_unreadable,
     file_stamps,
+    LabelledFileSplits,
     list_files,
-    list_labelled_files,
     open_file,
 )
-from ptft.core.labels import discover_label_names, encode_labels
+from ptft.core.labels import encode_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -63,11 +63,6 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 
 #: An image's location (a file, or a member of a zip archive): the one shared by every modality.
 ImageSource = FileSource
-
-
-def list_samples(location: str, arg: str, path_column: str, label_column: str) -> tuple[list[tuple[ImageSource, str]], list[str]]:
-    """(image, label) pairs from a class-folder tree, a zip of one, or a CSV of paths and labels."""
-    return list_labelled_files(location, arg, IMAGE_SUFFIXES, path_column, label_column, kind="images")
 
 
 def list_images(location: str, arg: str, path_column: str | None = None) -> list[ImageSource]:
@@ -199,7 +194,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class ImageClassificationDataModule(ClassificationDataModule):
+class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule):
     """Image classification data with timm's transforms for the model (augmented train, deterministic eval).
 
     Each split is a class-folder tree (``root/<class>/<image>``), a zip archive holding one (``data.zip`` or a
@@ -242,6 +237,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
         num_workers: DataLoader worker processes decoding and transforming images.
     """
 
+    file_suffixes = IMAGE_SUFFIXES
+    file_kind = "images"
+
     def __init__(
         self,
         train: str | None = None,
@@ -281,25 +279,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         )
         self.model_data_config: dict[str, Any] | None = None
         self.transform(training=True)  # a bad augmentation setting fails here, before any image is listed
-        self.columns = (path_column, label_column)
-        self.samples = {
-            split: list_samples(loc, split, *self.columns) if loc is not None else None
-            for split, loc in (("train", train), ("val", val), ("test", test))
-        }
-        self.predict_location = predict
+        self.list_splits(train, val, test, predict, path_column, label_column)
         self.on_bad_image = on_bad_image
-
-    def discover_labels(self) -> list[str]:
-        train = self.samples["train"]
-        if train is None:
-            if self.given_labels is None:
-                raise PtftError("without training images, give the label names: data.init_args.labels=[...]")
-            return list(self.given_labels)
-        names = discover_label_names(train[1], self.given_labels, "train")
-        for split in ("val", "test"):
-            if self.samples[split] is not None:
-                encode_labels(self.samples[split][1], names, split)
-        return names
 
     def connect(self, model: L.LightningModule) -> None:
         if hasattr(model, "data_config"):
@@ -336,15 +317,6 @@ class ImageClassificationDataModule(ClassificationDataModule):
         return transform
 
     # --- the base's hooks -----------------------------------------------------------------------------------
-    def load_split(self, split: str) -> list[tuple[ImageSource, str | None]] | None:
-        """``(image, label)`` pairs; images to predict need no label (``None``) and may lie at any depth."""
-        if split == "predict":
-            if self.predict_location is None:
-                return None
-            return [(image, None) for image in list_images(self.predict_location, "predict", self.columns[0])]
-        samples = self.samples[split]
-        return None if samples is None else samples[0]
-
     def check(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> list[tuple[ImageSource, str | None]]:
         images = [image for image, _ in rows]
         # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
