@@ -46,6 +46,10 @@ class AudioDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
+    def item_names(self) -> list[str]:
+        """Each clip's file as given (the ``file`` column of predictions)."""
+        return [describe(source) for source in self.sources]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         wave, _ = read_audio(self.sources[index], self._archives, self.sampling_rate)
         if self.augment is not None:

@@ -49,7 +49,8 @@ class WritePredictions(L.Callback):
     """Writes ``ptft predict`` results to a file: one row per example, in input order.
 
     The module's ``prediction_rows`` decides the columns (classification: ``label``, ``label_id``, then one
-    probability column per class, ``p_<name>``).
+    probability column per class, ``p_<name>``). When the examples are files (images, audio), a first ``file``
+    column names each one as it was given.
 
     Args:
         path: Output file: ``.csv``, or ``.jsonl`` (one JSON object per line, for nested values such as entities).
@@ -73,6 +74,9 @@ class WritePredictions(L.Callback):
             self.rows = gather_in_input_order(self.rows, trainer.world_size, _dataset_size(trainer))
         if not trainer.is_global_zero or not self.rows:
             return
+        names = getattr(_dataset(trainer), "item_names", None)  # file datasets: in input order, as the rows
+        if callable(names) and len(files := names()) == len(self.rows):
+            self.rows = [{"file": file, **row} for file, row in zip(files, self.rows)]
         import csv
         import json
         from pathlib import Path
@@ -111,12 +115,16 @@ class EMAWarmupWeightAveraging(EMAWeightAveraging):
         self._kwargs["avg_fn"] = partial(warmup_ema, decay=decay, power=warmup_power)
 
 
-def _dataset_size(trainer: L.Trainer) -> int | None:
+def _dataset(trainer: L.Trainer) -> Any:
     loaders = trainer.predict_dataloaders
     loader = loaders[0] if isinstance(loaders, list) else loaders
+    return getattr(loader, "dataset", None)
+
+
+def _dataset_size(trainer: L.Trainer) -> int | None:
     try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
+        return len(_dataset(trainer))
+    except TypeError:
         return None
 
 

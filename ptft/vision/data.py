@@ -122,6 +122,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def item_names(self) -> list[str]:
+        """Each image's file as given (the ``file`` column of predictions)."""
+        return [describe(image) for image in self.images]
+
     def open(self, index: int) -> Image.Image:
         return open_image(self.images[index], self._archives)
 

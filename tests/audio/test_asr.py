@@ -91,7 +91,8 @@ def test_recipe_predicts_text_and_exports_a_pipeline_folder(run_recipe, run_cli,
              f"--data.init_args.val={transcribed['val']}", f"--data.init_args.predict={clips}",
              "--data.init_args.num_workers=0", f"--ckpt_path={ckpt}"])
     rows = list(csv.DictReader(open(tmp_path / "runs/asr-ctc/predictions.csv")))  # run_cli works in tmp_path
-    assert len(rows) == 16 and set(rows[0]) == {"transcript"}
+    assert len(rows) == 16 and list(rows[0]) == ["file", "transcript"]
+    assert sorted(r["file"] for r in rows) == sorted(str(p) for p in Path(clips).glob("*.wav"))
     assert all(set(r["transcript"].replace("<unk>", "")) <= set("abcd ") for r in rows)  # vocabulary tokens only
 
     from transformers import pipeline

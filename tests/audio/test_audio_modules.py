@@ -110,13 +110,24 @@ def test_checkpoint_and_export_round_trip(audio_dirs, tmp_path):
         assert torch.allclose(plain(model.spectrogram(batch)), model(batch), atol=1e-5)
 
 
-def test_keyword_cnn_recipe(run_recipe, audio_dirs):
-    cli = run_recipe("recipes/audio/keyword-cnn.yaml", [
-        "--model.init_args.model_name=test_resnet", "--model.init_args.pretrained=false",
-        "--model.init_args.sampling_rate=8000", f"--data.init_args.train={audio_dirs['train']}",
-        f"--data.init_args.test={audio_dirs['val']}", "--data.init_args.num_workers=0"])
+def test_keyword_cnn_recipe_and_predictions_name_their_files(run_recipe, run_cli, audio_dirs, tmp_path):
+    import csv
+
+    from ptft.cli import RECIPES
+
+    args = ["--model.init_args.model_name=test_resnet", "--model.init_args.pretrained=false",
+            "--model.init_args.sampling_rate=8000", f"--data.init_args.train={audio_dirs['train']}",
+            f"--data.init_args.test={audio_dirs['val']}", "--data.init_args.num_workers=0"]
+    cli = run_recipe("recipes/audio/keyword-cnn.yaml", args)
     assert cli.trainer.global_step == 2
     assert cli.datamodule.sampling_rate == 8000
+    cli.trainer.save_checkpoint(tmp_path / "cnn.ckpt")
+    run_cli(["predict", "--config", str(RECIPES / "audio/keyword-cnn.yaml"), *args,
+             f"--data.init_args.predict={audio_dirs['val']}", f"--ckpt_path={tmp_path / 'cnn.ckpt'}"])
+    rows = list(csv.DictReader(open(tmp_path / "runs/keyword-cnn/predictions.csv")))  # run_cli works in tmp_path
+    files = sorted(str(p) for p in Path(audio_dirs["val"]).rglob("*.wav"))
+    assert sorted(r["file"] for r in rows) == files  # every clip once, by the path it was found at
+    assert list(rows[0])[:3] == ["file", "label", "label_id"] and {r["label"] for r in rows} <= set(cli.model.label_names)
 
 
 def test_wav2vec2_classification_recipe(run_recipe, audio_dirs, tiny_wav2vec2):
