@@ -39,8 +39,10 @@ class SpectrogramConfig:
     """Lowest mel frequency in Hz."""
     f_max: float | None = None
     """Highest mel frequency in Hz; ``None`` is half the sampling rate."""
-    normalize: bool = True
-    """Scale each clip's features to zero mean and unit variance over its frames (padding excluded)."""
+    normalize: bool | Literal["clip", "band"] = True
+    """Scale each clip's features to zero mean and unit variance over its frames (padding excluded): over all bins
+    (``true`` / ``clip``), or each bin on its own (``band``: cepstral mean and variance normalisation, which also
+    removes a microphone's or a room's fixed colouring); ``false``: raw log energies."""
 
     @classmethod
     def coerce(cls, value: SpectrogramConfig | dict[str, Any] | None) -> SpectrogramConfig:
@@ -104,9 +106,10 @@ class Spectrogram(nn.Module):
             mask = torch.arange(feats.shape[-1], device=waves.device) < self.frames(lengths).unsqueeze(-1)
             if self.config.normalize:
                 weights = mask.unsqueeze(1).float()  # (batch, 1, frames)
-                count = weights.sum((1, 2), keepdim=True).clamp(min=1) * feats.shape[1]
-                mean = (feats * weights).sum((1, 2), keepdim=True) / count
-                var = ((feats - mean) ** 2 * weights).sum((1, 2), keepdim=True) / count
+                dims = (2,) if self.config.normalize == "band" else (1, 2)  # per bin, or over all bins
+                count = weights.expand_as(feats).sum(dims, keepdim=True).clamp(min=1)
+                mean = (feats * weights).sum(dims, keepdim=True) / count
+                var = ((feats - mean) ** 2 * weights).sum(dims, keepdim=True) / count
                 feats = (feats - mean) / var.clamp(min=1e-10).sqrt() * weights
             return feats.unsqueeze(1), mask
 

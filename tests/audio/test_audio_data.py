@@ -169,9 +169,10 @@ def test_spectrogram_shapes_and_a_tone_lands_in_its_band(kind, bins):
         assert peak[0] < peak[1]
 
 
-def test_normalised_features_ignore_padding():
+@pytest.mark.parametrize("normalize", [True, "band"])
+def test_normalised_features_ignore_padding(normalize):
     rate = 8000
-    frontend = Spectrogram(SpectrogramConfig(n_mels=32), rate)
+    frontend = Spectrogram(SpectrogramConfig(n_mels=32, normalize=normalize), rate)
     wave = torch.randn(1, rate)
     padded = torch.cat([wave, torch.zeros(1, rate)], dim=1)
     mask = torch.cat([torch.ones(1, rate), torch.zeros(1, rate)], dim=1).long()
@@ -179,8 +180,16 @@ def test_normalised_features_ignore_padding():
     together, frames = frontend(padded, mask)
     n = alone.shape[-1]
     # Equal but for the clip's last frames (which see zeros instead of the reflected signal) and the statistics they move.
-    assert torch.allclose(alone[..., : n - 2], together[..., : n - 2], atol=0.05)
+    # (per band, from ~100 frames each, those two frames move the statistics more)
+    assert torch.allclose(alone[..., : n - 2], together[..., : n - 2], atol=0.05 if normalize is True else 0.15)
     assert (together[..., frames[0].sum():] == 0).all()
+    valid = together[0, 0, :, : frames[0].sum()]  # (bins, frames)
+    if normalize == "band":  # every band zero-mean, unit-variance over the clip's frames
+        assert torch.allclose(valid.mean(1), torch.zeros(32), atol=1e-4)
+        assert torch.allclose(valid.var(1, unbiased=False), torch.ones(32), atol=1e-3)
+    else:  # over all bands together: the bands' own means differ
+        assert abs(valid.mean()) < 1e-4 and abs(valid.var(unbiased=False) - 1) < 1e-3
+        assert valid.mean(1).abs().max() > 0.1
 
 
 def test_spec_augment_masks_bands():
