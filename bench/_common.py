@@ -48,8 +48,11 @@ class TrainTimer(L.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # examples in the batch: labels for most tasks, windows (input_ids) for QA, images for vision
-        key = next(k for k in ("labels", "input_ids", "pixel_values") if k in batch)
+        # examples in the batch: labels for most tasks, windows (input_ids) for QA, images for vision, waveforms for
+        # audio pre-training (a StopIteration raised here would end the epoch silently: hence the default)
+        key = next((k for k in ("labels", "input_ids", "pixel_values", "input_values") if k in batch), None)
+        if key is None:
+            raise KeyError(f"TrainTimer: no known example key in the batch ({sorted(batch)})")
         self.samples += len(batch[key])
 
     def on_validation_start(self, trainer, pl_module) -> None:
