@@ -137,3 +137,8 @@ def test_predict_needs_no_labels(image_dirs, tmp_path):
         assert len(dm.datasets["predict"]) == 12
         batch = next(iter(dm.predict_dataloader()))
         assert batch["pixel_values"].shape == (4, 3, 32, 32) and "labels" not in batch
+        names = dm.datasets["predict"].item_names()  # the predictions' file column: each image as given
+        if location.endswith(".zip"):
+            assert sorted(names) == sorted(f"{location}/{p.parent.name}-{p.name}" for p in files)
+        elif location == str(root):
+            assert str(root / "red" / "deeper" / "000.png") in names and str(root / "loose.png") in names
