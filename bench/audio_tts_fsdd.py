@@ -75,7 +75,7 @@ def train_and_synthesise(holdout: str, epochs: int, samples: int, extra: list[st
     cli = run_cli(["--config", str(REPO / "recipes/audio/tts-speecht5.yaml"), f"--model.init_args.model_name={model_folder()}",
                    "--model.init_args.pretrained=false", f"--data.init_args.train={train_csv}", "--data.init_args.val=null",
                    "--data.init_args.val_fraction=0.1", f"--trainer.max_epochs={epochs}", "--seed_everything=0",
-                   "--model.init_args.optimizer.lr=1e-3", "--model.init_args.optimizer.head_lr=null",
+                   "--model.init_args.optimizer.lr=1e-3", "--model.init_args.optimizer.head_lr=1e-3",
                    "--data.init_args.batch_size=32", f"--trainer.default_root_dir={out}", *QUIET, *extra], run=False)
     timer = TrainTimer()
     cli.trainer.callbacks.append(timer)
