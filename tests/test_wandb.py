@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from wandb_reader import read_records, run_contents
+from wandb_reader import read_finished_run, run_contents
 
 from ptft.core.tracking import WandbLogger, wandb_credentials_available
 
@@ -65,7 +65,7 @@ def test_offline_run_keeps_checkpoints_as_artifacts(run_cli, tiny_bert, text_fil
     assert logger._offline and logger.experiment.settings.mode in ("offline", "dryrun")
     logger.experiment.finish()
     (run_file,) = (Path(tmp_path) / "wandb").glob("offline-run-*/run-*.wandb")
-    artifacts = [r.artifact for r in read_records(run_file) if r.WhichOneof("record_type") == "artifact"]
+    artifacts = [r.artifact for r in read_finished_run(run_file) if r.WhichOneof("record_type") == "artifact"]
     files = {json.loads(a.metadata)["original_filename"]: sorted(a.aliases) for a in artifacts}
     best = Path(cli.trainer.checkpoint_callback.best_model_path).name
     assert files == {best: ["best", "latest"], "last.ckpt": ["latest"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +48,31 @@ def read_records(path: Path) -> list[Any]:
     return records
 
 
+def read_finished_run(path: Path, timeout: float = 60.0) -> list[Any]:
+    """The records of a run file once its writer is done: ``run.finish()`` can return while wandb-core still writes.
+
+    Waits until the file parses, holds the ``exit`` record and stops growing.
+    """
+    deadline, last_size = time.monotonic() + timeout, -1
+    while True:
+        size = Path(path).stat().st_size
+        try:
+            records = read_records(path)
+            done = size == last_size and any(r.WhichOneof("record_type") == "exit" for r in records)
+        except Exception:  # a record still being written
+            records, done = [], False
+        if done or time.monotonic() > deadline:
+            return records
+        last_size = size
+        time.sleep(0.25)
+
+
 def run_contents(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The config (key -> value) and the history rows stored in an offline run folder."""
     (run_file,) = Path(run_dir).glob("run-*.wandb")
     config: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
-    for record in read_records(run_file):
+    for record in read_finished_run(run_file):
         kind = record.WhichOneof("record_type")
         # the config arrives as config updates, or (when the run starts after it was set) inside the run record
         updates = record.config.update if kind == "config" else record.run.config.update if kind == "run" else []
