@@ -1,5 +1,6 @@
 """The modality-independent core: base module, optimization, layers, freezing, PEFT, labels, tracking."""
 
+from ptft.core.adapt_bn import AdaptBatchNorm
 from ptft.core.callbacks import (
     BeforeAfterReport,
     EMAWarmupWeightAveraging,
@@ -28,6 +29,7 @@ from ptft.core.peft import PeftConfig
 from ptft.core.tracking import WandbLogger
 
 __all__ = [
+    "AdaptBatchNorm",
     "BeforeAfterReport",
     "BitFit",
     "ClassificationDataModule",
