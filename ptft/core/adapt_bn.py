@@ -50,7 +50,8 @@ class AdaptBatchNorm(L.Callback):
     augmentation and dropout on), takes tensor batches only and does not average across ranks: hence this callback.
 
     Args:
-        stages: The stages whose inputs the statistics are estimated from, before they are scored.
+        stages: The stages whose inputs the statistics are estimated from, before they are scored (``None``: test and
+            predict).
         max_batches: Batches of that stage used for the estimate (``None``: all of them).
     """
 
