@@ -43,7 +43,7 @@ class LogConfigCallback(SaveConfigCallback):
         if isinstance(trainer.logger, Logger):
             config = self.config.as_dict()
             # Linked values are not in the parsed config (they are computed); record them for the run.
-            linked = {k: getattr(pl_module, k) for k in ("num_labels", "label_names") if hasattr(pl_module, k)}
+            linked = {k: getattr(pl_module, k) for k in ("num_labels", "label_names", "class_names") if hasattr(pl_module, k)}
             config["model"]["init_args"].update(linked)
             choice = os.environ.get(PRECISION_ENV)  # what precision: auto chose, and its measurement
             if choice:
@@ -65,6 +65,7 @@ class PtftCLI(LightningCLI):
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
         parser.link_arguments("data.label_names", "model.init_args.label_names", apply_on="instantiate")
         parser.link_arguments("data.speaker_names", "model.init_args.speaker_names", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -1,6 +1,8 @@
 """Multimodal tasks: contrastive dual encoders (image / audio / video with text), fusion classifiers."""
 
+from ptft.multimodal.data import ImageTextDataModule
+from ptft.multimodal.dual_encoder import DualEncoder
 from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
 
-__all__ = ["CrossModalRetrieval", "contrastive_loss", "sigmoid_loss"]
+__all__ = ["CrossModalRetrieval", "DualEncoder", "ImageTextDataModule", "contrastive_loss", "sigmoid_loss"]

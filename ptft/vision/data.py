@@ -191,6 +191,39 @@ def _allow_zero_bit_posterize(transform: Any) -> None:
                 op.aug_fn = _posterize
 
 
+def image_transform(model_data_config: dict[str, Any] | None, image_size: int | None, crop_pct: float | None,
+                    augment: dict[str, Any], training: bool) -> Any:
+    """timm's transform for a model's data config (input size, mean, std, crop), with size, crop and training
+    augmentation overrides (``augment``: :func:`augment_options`); shared by every image data module."""
+    from timm.data import create_transform
+
+    cfg = dict(model_data_config or {})
+    if image_size is not None:
+        cfg["input_size"] = (3, image_size, image_size)
+    if crop_pct is not None:
+        cfg["crop_pct"] = crop_pct
+    cfg.setdefault("input_size", (3, 224, 224))
+    if not training:
+        return create_transform(**cfg, is_training=False)
+    cfg.pop("crop_pct", None)
+    cfg.pop("crop_mode", None)
+    options = dict(augment)
+    trivial = options.get("auto_augment") == TRIVIAL_AUGMENT
+    if trivial:
+        options.update(auto_augment=None, color_jitter=None)  # as timm does for its own policies
+    try:
+        transform = create_transform(**cfg, is_training=True, **options)
+    except (AssertionError, ValueError, TypeError) as err:
+        given = {k: v for k, v in augment.items() if k not in AUGMENT_ARGS or (k == "auto_augment" and v)}
+        where = f" ({', '.join(f'{k}={v!r}' for k, v in given.items())})" if given else ""
+        hint = f"; auto_augment examples: {AUTO_AUGMENT_EXAMPLES}" if augment.get("auto_augment") else ""
+        raise PtftError(f"bad training augmentation{where}: {str(err) or 'rejected by timm'}{hint}") from err
+    if trivial:
+        _insert_trivial_augment(transform, cfg.get("mean"))
+    _allow_zero_bit_posterize(transform)
+    return transform
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items])}
     if "labels" in items[0]:
@@ -292,33 +325,7 @@ class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule
 
     def transform(self, training: bool) -> Any:
         """timm's transform for the connected model, with this module's size and augmentation overrides."""
-        from timm.data import create_transform
-
-        cfg = dict(self.model_data_config or {})
-        if self.image_size is not None:
-            cfg["input_size"] = (3, self.image_size, self.image_size)
-        if self.crop_pct is not None:
-            cfg["crop_pct"] = self.crop_pct
-        cfg.setdefault("input_size", (3, 224, 224))
-        if not training:
-            return create_transform(**cfg, is_training=False)
-        cfg.pop("crop_pct", None)
-        cfg.pop("crop_mode", None)
-        options = dict(self.augment)
-        trivial = options.get("auto_augment") == TRIVIAL_AUGMENT
-        if trivial:
-            options.update(auto_augment=None, color_jitter=None)  # as timm does for its own policies
-        try:
-            transform = create_transform(**cfg, is_training=True, **options)
-        except (AssertionError, ValueError, TypeError) as err:
-            given = {k: v for k, v in self.augment.items() if k not in AUGMENT_ARGS or (k == "auto_augment" and v)}
-            where = f" ({', '.join(f'{k}={v!r}' for k, v in given.items())})" if given else ""
-            hint = f"; auto_augment examples: {AUTO_AUGMENT_EXAMPLES}" if self.augment.get("auto_augment") else ""
-            raise PtftError(f"bad training augmentation{where}: {str(err) or 'rejected by timm'}{hint}") from err
-        if trivial:
-            _insert_trivial_augment(transform, cfg.get("mean"))
-        _allow_zero_bit_posterize(transform)
-        return transform
+        return image_transform(self.model_data_config, self.image_size, self.crop_pct, self.augment, training)
 
     # --- the base's hooks -----------------------------------------------------------------------------------
     def check(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> list[tuple[ImageSource, str | None]]:

@@ -1,0 +1,372 @@
+"""Contrastive dual encoders: CLIP / SigLIP-family models by name, or a text tower and an image tower assembled.
+
+``DualEncoder`` trains image and text embeddings into one space with CLIP's symmetric InfoNCE or SigLIP's sigmoid loss
+(:mod:`ptft.multimodal.losses`), negatives gathered across DDP ranks; validation and test report retrieval
+recall@1/5/10 both ways and, when the data has class names, zero-shot accuracy from class prompts; ``ptft predict``
+classifies images zero-shot among ``class_names``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ptft.core.errors import PtftError
+from ptft.core.hub import load_pretrained, resolve_model_name
+from ptft.core.layers import hf_layer_ids, timm_layer_ids
+from ptft.core.module import FineTuneModule
+from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
+from ptft.multimodal.metrics import CrossModalRetrieval
+
+#: CLIP clamps its learned logit scale at log(100): sharper logits than 1/0.01 only destabilise training.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class AssembledDualEncoder(nn.Module):
+    """Any Hugging Face text encoder and any timm image encoder, each followed by a linear projection into the shared
+    space (CLIP's bias-free projections), with a learned logit scale (and bias, for the sigmoid loss).
+
+    Args:
+        text: A Hugging Face base model (``AutoModel``) returning ``last_hidden_state``.
+        vision: A timm model returning pooled features (``num_classes=0``).
+        projection_dim: Size of the shared embedding space.
+        text_pooling: ``mean`` of the token states (padding excluded; sentence-transformers' pooling) or the first
+            (``cls``) token's.
+        logit_scale: Starting log scale of the similarities.
+        logit_bias: Starting bias (sigmoid loss), or ``None`` for no bias.
+    """
+
+    def __init__(self, text: nn.Module, vision: nn.Module, projection_dim: int, text_pooling: Literal["mean", "cls"],
+                 logit_scale: float, logit_bias: float | None) -> None:
+        super().__init__()
+        self.text = text
+        self.vision = vision
+        self.text_pooling = text_pooling
+        self.text_projection = nn.Linear(text.config.hidden_size, projection_dim, bias=False)
+        features = getattr(vision, "head_hidden_size", None) or vision.num_features
+        self.vision_projection = nn.Linear(features, projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.text_pooling == "cls":
+            pooled = states[:, 0]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.text_projection(pooled)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_projection(self.vision(pixel_values))
+
+
+class PretrainedDualEncoder(nn.Module):
+    """A transformers dual encoder (CLIP, SigLIP, ALIGN…: ``get_text_features`` / ``get_image_features``), its own
+    projections, logit scale and bias included."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.model, "logit_bias", None)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return _features(self.model.get_image_features(pixel_values=pixel_values))
+
+
+def _features(output: Any) -> torch.Tensor:
+    """transformers 5 returns the projected features as ``pooler_output`` of a model output, 4 a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class DualEncoder(FineTuneModule):
+    """Image-text contrastive training (CLIP, SigLIP) of a pretrained dual encoder or of two assembled towers.
+
+    Give ``model_name`` (a transformers CLIP / SigLIP-family model by hub name or folder) or both ``text_model`` (any
+    Hugging Face text encoder) and ``image_model`` (any timm model), which get projections into a shared space.
+    Embeddings are L2-normalised; the loss is CLIP's symmetric InfoNCE with a learned temperature, or SigLIP's
+    sigmoid loss with a learned scale and bias. Captions shared by several images in a batch (``"a photo of a
+    cat"``) count as positives of each other. Under DDP the embeddings of every rank are gathered with their
+    gradients, so N devices with B pairs train as one with N x B.
+
+    Validation and test log the loss, ``image_to_text/recall@k`` and ``text_to_image/recall@k`` (k = 1, 5, 10) over
+    the whole set and, when ``class_names`` are known (class-folder data links them), ``zero_shot_acc``: each image
+    against one prompt per class. ``ptft predict`` classifies images among ``class_names`` zero-shot.
+
+    Args:
+        model_name: A transformers dual encoder (``openai/clip-vit-base-patch32``, ``google/siglip-base-patch16-224``)
+            by hub name or local folder.
+        text_model: Hugging Face text encoder of an assembled dual encoder (``sentence-transformers/all-MiniLM-L6-v2``
+            or a folder).
+        image_model: timm image encoder of an assembled dual encoder (``resnet18``, ``vit_small_patch16_224``…).
+        pretrained: Load pretrained weights (every tower); ``False`` builds them from their configs with random weights.
+        image_pretrained_file: Local weights file of the timm image tower (offline).
+        image_kwargs: Extra ``timm.create_model`` arguments of the image tower.
+        projection_dim: Shared embedding size of an assembled dual encoder.
+        text_pooling: How an assembled text tower's token states become one vector: ``mean`` or ``cls``.
+        loss: ``contrastive`` (CLIP's InfoNCE), ``sigmoid`` (SigLIP's), or ``auto``: sigmoid for a pretrained model with
+            a logit bias (SigLIP), else contrastive.
+        temperature: Starting temperature of an assembled model's contrastive loss (CLIP: 0.07); the sigmoid loss starts
+            at SigLIP's scale 10 and bias -10.
+        learn_temperature: Learn the logit scale (and bias); ``False`` keeps the starting values.
+        class_names: Class names for zero-shot accuracy and prediction; linked from class-folder data by the CLI.
+        prompt: The caption of a class for zero-shot scoring, ``{}`` standing for the name.
+        tokenizer: Tokenizer for captions and prompts; defaults to the text tower's (``model_name`` or ``text_model``).
+        max_length: Longest caption in tokens.
+        **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
+            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+    """
+
+    checkpoint_monitor = ("val/loss", "min")
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        text_model: str | None = None,
+        image_model: str | None = None,
+        pretrained: bool = True,
+        image_pretrained_file: str | None = None,
+        image_kwargs: dict[str, Any] | None = None,
+        projection_dim: int = 256,
+        text_pooling: Literal["mean", "cls"] = "mean",
+        loss: Literal["auto", "contrastive", "sigmoid"] = "auto",
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        class_names: list[str] | None = None,
+        prompt: str = "a photo of a {}.",
+        tokenizer: str | None = None,
+        max_length: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        if (model_name is None) == (text_model is None and image_model is None):
+            raise PtftError("DualEncoder: give model_name (a CLIP / SigLIP-family model) or text_model and image_model "
+                            "(two towers to assemble), not both")
+        if model_name is None and (text_model is None or image_model is None):
+            raise PtftError("DualEncoder: an assembled dual encoder needs both text_model and image_model")
+        if temperature <= 0:
+            raise PtftError(f"DualEncoder: temperature must be > 0, got {temperature}")
+        if "{}" not in prompt:
+            raise PtftError(f"DualEncoder: prompt must contain {{}} where the class name goes, got {prompt!r}")
+        self.class_names = list(class_names) if class_names else None
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.text_model_name = text_model
+        self.image_model_name = image_model
+        self.prompt = prompt
+        self.tokenizer_name = tokenizer or model_name or text_model
+        self.max_length = max_length
+        if model_name is not None:
+            net = PretrainedDualEncoder(self._load_pretrained_pair(model_name, pretrained))
+            self.loss_kind = loss if loss != "auto" else ("sigmoid" if net.logit_bias is not None else "contrastive")
+            if self.loss_kind == "sigmoid" and net.logit_bias is None:
+                raise PtftError(f"DualEncoder: {model_name!r} has no logit bias for the sigmoid loss; use loss: contrastive")
+            self._image_data_config = self._processor_data_config(model_name)
+        else:
+            self.loss_kind = "contrastive" if loss == "auto" else loss
+            text = self._load_text_tower(text_model, pretrained)
+            from ptft.vision.modules import create_timm_model
+            import timm.data
+
+            vision = create_timm_model(image_model, pretrained, image_pretrained_file, num_classes=0, **(image_kwargs or {}))
+            self._image_data_config = timm.data.resolve_data_config(model=vision)
+            sigmoid = self.loss_kind == "sigmoid"
+            net = AssembledDualEncoder(text, vision, projection_dim, text_pooling,
+                                       logit_scale=math.log(10.0) if sigmoid else math.log(1 / temperature),
+                                       logit_bias=-10.0 if sigmoid else None)
+        if not learn_temperature:
+            for p in (net.logit_scale, net.logit_bias):
+                if p is not None:
+                    p.requires_grad_(False)
+        self._prompt_embeddings: torch.Tensor | None = None
+        self.set_model(net)
+        self._save_hparams(pretrained=False if model_name is None else pretrained)
+
+    # --- building -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _load_pretrained_pair(name: str, pretrained: bool) -> nn.Module:
+        from transformers import AutoConfig, AutoModel
+
+        name = resolve_model_name(name)
+        config = load_pretrained(AutoConfig.from_pretrained, name, "config")
+        model = (load_pretrained(AutoModel.from_pretrained, name, config=config, dtype=torch.float32) if pretrained
+                 else AutoModel.from_config(config, dtype=torch.float32))
+        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+            raise PtftError(f"DualEncoder: {name!r} ({type(model).__name__}) is not an image-text dual encoder (no "
+                            "get_text_features / get_image_features); assemble one with text_model and image_model")
+        return model
+
+    @staticmethod
+    def _load_text_tower(name: str, pretrained: bool) -> nn.Module:
+        from transformers import AutoConfig, AutoModel
+
+        name = resolve_model_name(name)
+        config = load_pretrained(AutoConfig.from_pretrained, name, "config")
+        if pretrained:
+            return load_pretrained(AutoModel.from_pretrained, name, config=config, dtype=torch.float32)
+        return AutoModel.from_config(config, dtype=torch.float32)
+
+    @staticmethod
+    def _processor_data_config(name: str) -> dict[str, Any]:
+        """The image preprocessing of a transformers dual encoder as a timm data config (size, mean, std)."""
+        from transformers import AutoImageProcessor
+
+        processor = load_pretrained(AutoImageProcessor.from_pretrained, resolve_model_name(name), "image processor")
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        side = size.get("height") or size.get("shortest_edge")
+        return {"input_size": (3, side, side), "mean": tuple(processor.image_mean), "std": tuple(processor.image_std),
+                "interpolation": "bicubic", "crop_pct": 1.0}
+
+    def data_config(self) -> dict[str, Any]:
+        """The image tower's preprocessing (input size, mean, std) as timm spells it; the data module reads it."""
+        return dict(self._image_data_config)
+
+    # --- towers and layers ----------------------------------------------------------------------------------
+    def towers(self) -> dict[str, list[str]]:
+        """Parameter-name prefixes (within ``self.model``) of each tower: text, vision, projection, scale."""
+        if isinstance(self.model, PretrainedDualEncoder):
+            m = self.model.model
+            text = [f"model.{n}" for n in ("text_model",) if hasattr(m, n)]
+            vision = [f"model.{n}" for n in ("vision_model",) if hasattr(m, n)]
+            projection = [f"model.{n}" for n in ("text_projection", "visual_projection") if hasattr(m, n)]
+            scale = [f"model.{n}" for n in ("logit_scale", "logit_bias") if hasattr(m, n)]
+            return {"text": text, "vision": vision, "projection": projection, "scale": scale}
+        return {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
+                "scale": ["logit_scale", "logit_bias"]}
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        if isinstance(model, PretrainedDualEncoder):
+            return []  # every part of a pretrained dual encoder was trained together
+        return ["text_projection", "vision_projection", "logit_scale", "logit_bias"]
+
+    def discover_layers(self, model: nn.Module) -> dict[str, int]:
+        """Each tower's own depth (transformers blocks; timm's ``group_matcher``), stretched so both towers' tops meet;
+        projections and the logit scale on top."""
+        if isinstance(model, PretrainedDualEncoder):
+            inner = model.model
+            towers = {p: getattr(inner, p) for p in ("text_model", "vision_model") if hasattr(inner, p)}
+            per_tower = {f"model.{p}": hf_layer_ids(m, lambda _: False) for p, m in towers.items()}
+        else:
+            per_tower = {"text": hf_layer_ids(model.text, lambda _: False), "vision": timm_layer_ids(model.vision)}
+        top = max((max(ids.values(), default=0) for ids in per_tower.values()), default=0)
+        ids: dict[str, int] = {}
+        for prefix, tower_ids in per_tower.items():
+            depth = max(tower_ids.values(), default=0) or 1
+            ids.update({f"{prefix}.{n}": round(i * top / depth) for n, i in tower_ids.items()})
+        for name, _ in model.named_parameters():
+            ids.setdefault(name, top + 1)
+        return ids
+
+    # --- forward and loss -----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Unit-length image embeddings ``(B, D)``."""
+        return F.normalize(self.model.encode_image(pixel_values).float(), dim=-1)
+
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unit-length text embeddings ``(B, D)``."""
+        return F.normalize(self.model.encode_text(input_ids, attention_mask).float(), dim=-1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and caption embeddings of a batch of pairs."""
+        return self.encode_images(batch["pixel_values"]), self.encode_texts(batch["input_ids"], batch["attention_mask"])
+
+    def contrastive(self, images: torch.Tensor, texts: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """The loss of this rank's pairs against every rank's (gathered with gradients under DDP)."""
+        scale = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE)
+        world = 1 if self._trainer is None else self.trainer.world_size
+        gathered: dict[str, Any] = {}
+        if world > 1:  # Lightning's samplers give every rank a batch of the same size
+            all_images, all_texts = (self.all_gather(x, sync_grads=True).flatten(0, 1) for x in (images, texts))
+            all_groups = None if groups is None else self.all_gather(groups).flatten(0, 1)
+            gathered = dict(all_b=all_texts, rank=self.global_rank, all_groups=all_groups)
+            if self.loss_kind == "contrastive":
+                gathered["all_a"] = all_images
+        if self.loss_kind == "sigmoid":
+            return sigmoid_loss(images, texts, scale, self.model.logit_bias, groups=groups, **gathered)
+        return contrastive_loss(images, texts, scale, groups=groups, **gathered)
+
+    def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
+        images, texts = self(batch)
+        return self.contrastive(images, texts, batch.get("groups")), (images.detach(), texts.detach())
+
+    # --- metrics ----------------------------------------------------------------------------------------------
+    def build_metrics(self) -> MetricCollection | None:
+        metrics: dict[str, Any] = {"retrieval": CrossModalRetrieval(("image", "text"), (1, 5, 10))}
+        if self.class_names:
+            metrics["zero_shot_acc"] = MulticlassAccuracy(num_classes=len(self.class_names), average="micro")
+        return MetricCollection(metrics)
+
+    def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
+        if stage == "train":  # retrieval within one batch says little; evaluation scores the whole set
+            return
+        images, texts = outputs
+        metrics = self.metrics[f"{stage}_"]
+        metrics["retrieval"].update(images, texts, groups=batch.get("groups"), indices=batch.get("indices"))
+        if "zero_shot_acc" in metrics and "labels" in batch:
+            metrics["zero_shot_acc"].update(images @ self.prompt_embeddings().T, batch["labels"])
+
+    def epoch_metrics(self, stage: str) -> dict[str, torch.Tensor] | None:
+        """Recall@k both ways over every rank's pairs, and zero-shot accuracy (the base logs and resets them)."""
+        metrics = self.metrics[f"{stage}_"]
+        results = dict(metrics["retrieval"].compute())
+        if "zero_shot_acc" in metrics and metrics["zero_shot_acc"].update_count:
+            results["zero_shot_acc"] = metrics["zero_shot_acc"].compute()
+        self._prompt_embeddings = None  # the text tower changes between epochs
+        return {f"{stage}/{name}": value for name, value in results.items()}
+
+    # --- zero-shot ------------------------------------------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_pretrained(AutoTokenizer.from_pretrained, resolve_model_name(self.tokenizer_name),
+                                              "tokenizer")
+        return self._tokenizer
+
+    def prompts(self) -> list[str]:
+        if not self.class_names:
+            raise PtftError("zero-shot classification needs class names: set model.init_args.class_names (class-folder "
+                            "data links them)")
+        return [self.prompt.format(name.replace("_", " ")) for name in self.class_names]
+
+    @torch.no_grad()
+    def prompt_embeddings(self) -> torch.Tensor:
+        """Unit text embeddings ``(classes, D)`` of the class prompts, computed once per evaluation epoch."""
+        if self._prompt_embeddings is None:
+            tokens = self.tokenizer()(self.prompts(), padding=True, truncation=True, max_length=self.max_length,
+                                      return_tensors="pt").to(self.device)
+            was_training = self.model.training
+            self.model.eval()
+            self._prompt_embeddings = self.encode_texts(tokens["input_ids"], tokens["attention_mask"])
+            self.model.train(was_training)
+        return self._prompt_embeddings
+
+    def on_predict_epoch_start(self) -> None:
+        self._prompt_embeddings = None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Zero-shot class probabilities of each image among ``class_names`` (softmax of the scaled similarities)."""
+        scale = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        probs = (scale * self.encode_images(batch["pixel_values"]) @ self.prompt_embeddings().T).softmax(-1)
+        ids = probs.argmax(-1)
+        return {"label_ids": ids, "labels": [self.class_names[i] for i in ids.tolist()], "probs": probs}
+
+    def prediction_rows(self, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """``label``, ``label_id`` and one probability column per class (``p_<name>``)."""
+        return [{"label": label, "label_id": label_id, **{f"p_{n}": round(p, 6) for n, p in zip(self.class_names, probs)}}
+                for label, label_id, probs in zip(outputs["labels"], outputs["label_ids"].tolist(), outputs["probs"].tolist())]
