@@ -165,7 +165,7 @@ class DualEncoder(FineTuneModule):
             raise PtftError(f"DualEncoder: prompt must contain {{}} where the class name goes, got {prompt!r}")
         self.class_names = list(class_names) if class_names else None
         super().__init__(**kwargs)
-        self.model_name = model_name
+        self.model_name = model_name or f"{text_model} + {image_model}"  # as ptft inspect-layers names it
         self.text_model_name = text_model
         self.image_model_name = image_model
         self.prompt = prompt
