@@ -307,6 +307,9 @@ def inspect_layers(args: list[str]) -> None:
     layers = model.layer_ids()
     print(f"{type(model).__name__}({model.model_name!r}): layers 0-{max(layers.values())}, top = task head")
     print(describe_layers(model.model, layers, model.param_groups()))
+    if hasattr(model, "towers"):  # multimodal: what FreezeSchedule(tower=...) and tower_lr name
+        print("towers: " + "; ".join(f"{name} = {', '.join(prefixes)}"
+                                     for name, prefixes in model.towers().items() if prefixes))
 
 
 class GroupRatioLRFinder(LearningRateFinder):

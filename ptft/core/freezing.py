@@ -43,7 +43,8 @@ class FreezeSchedule(L.Callback):
 
     Args:
         train_layers: Layer groups, counted from the top (the head is 1), that train from the start. ``-1`` trains all
-            (no freezing); ``1`` trains the head only (linear probe).
+            (no freezing); ``1`` trains the head only (linear probe); with a ``tower``, ``0`` freezes it (until an
+            unfreezing option starts it).
         unfreeze_at_epoch: From this epoch on, every layer trains (freeze -> unfreeze; LP-FT).
         unfreeze_at_step: From this optimizer step on, every layer trains.
         unfreeze_every_n_epochs: Gradual unfreezing (ULMFiT): ``layers_per_unfreeze`` more layer groups, top-down,
@@ -55,6 +56,9 @@ class FreezeSchedule(L.Callback):
             frozen for the whole run, e.g. ``["bert.embeddings.*", "bert.encoder.layer.[0-3].*"]``.
         freeze_bn: Which BatchNorm layers stop updating running statistics (eval mode): ``frozen`` (those of frozen
             layers), ``all`` or ``none``.
+        tower: Apply the schedule to one tower of a multimodal module (``text``, ``vision``, ``projection``…; ``ptft
+            inspect-layers`` lists them) and leave the other towers alone; layers then count within the tower (its
+            top block is 1). One callback per tower gives each tower its own schedule.
     """
 
     def __init__(
@@ -68,9 +72,10 @@ class FreezeSchedule(L.Callback):
         biases_only: bool = False,
         freeze: list[str] | None = None,
         freeze_bn: Literal["frozen", "all", "none"] = "frozen",
+        tower: str | None = None,
     ) -> None:
-        if train_layers == 0 or train_layers < -1:
-            raise PtftError(f"train_layers must be -1 (all) or >= 1, got {train_layers}")
+        if train_layers < -1 or (train_layers == 0 and tower is None):
+            raise PtftError(f"train_layers must be -1 (all) or >= 1 (0 too with a tower: frozen), got {train_layers}")
         if unfreeze_every_n_epochs is not None and unfreeze_every_n_epochs < 1:
             raise PtftError("unfreeze_every_n_epochs must be >= 1")
         self.train_layers = train_layers
@@ -82,6 +87,7 @@ class FreezeSchedule(L.Callback):
         self.biases_only = biases_only
         self.freeze_patterns = list(freeze or [])
         self.freeze_bn = freeze_bn
+        self.tower = tower
         self.mask_gradients = False
         self._layers: dict[str, int] = {}
         self._top = 0
@@ -89,6 +95,10 @@ class FreezeSchedule(L.Callback):
         self._frozen_by_module: set[str] = set()
         self._depth: int | None = None
         self._training: set[str] = set()  # names training at the current depth, recomputed when it changes
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(tower=self.tower)  # several schedules, one per tower, may run together
 
     # --- the schedule ---------------------------------------------------------------------------------------
     def depth(self, epoch: int, step: int) -> int:
@@ -133,9 +143,14 @@ class FreezeSchedule(L.Callback):
         if not hasattr(pl_module, "layer_ids"):
             raise PtftError(f"FreezeSchedule needs a ptft module with layer discovery, got {type(pl_module).__name__}")
         self._layers = pl_module.layer_ids()
-        self._top = max(self._layers.values(), default=0)
         self._params = dict(pl_module.model.named_parameters())
+        if self.tower is not None:
+            names = tower_parameters(pl_module, self.tower)
+            self._params = {n: p for n, p in self._params.items() if n in names}
+            self._layers = {n: i for n, i in self._layers.items() if n in names}
+        self._top = max(self._layers.values(), default=0)
         self._frozen_by_module = {n for n, p in self._params.items() if not p.requires_grad}
+        self._given_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
         if self.freeze_patterns:
             unmatched = [p for p in self.freeze_patterns if not any(fnmatch.fnmatchcase(n, p) for n in self._params)]
             if unmatched:
@@ -145,6 +160,13 @@ class FreezeSchedule(L.Callback):
             if not self._may_train(name):
                 param.requires_grad_(False)
         self.mask_gradients = trainer.world_size > 1 or is_compiled(pl_module)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The model leaves fit as it came: a second fit of the same object (a notebook) would otherwise take the
+        # layers frozen at the end for layers frozen by the model itself (PEFT) and never train them.
+        if stage == "fit":
+            for name, flag in getattr(self, "_given_requires_grad", {}).items():
+                self._params[name].requires_grad_(flag)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._depth = None
@@ -191,8 +213,21 @@ class FreezeSchedule(L.Callback):
         for prefix, module in pl_module.model.named_modules():
             if isinstance(module, _BN) and module.weight is not None:
                 name = f"{prefix}.weight" if prefix else "weight"
+                if name not in self._params:  # another tower's
+                    continue
                 frozen = self.freeze_bn == "all" or name not in self._training
                 module.train(not frozen)
+
+
+def tower_parameters(pl_module: L.LightningModule, tower: str) -> set[str]:
+    """Names (in ``pl_module.model``) of the parameters of ``tower``, from the module's ``towers()`` prefixes."""
+    towers = pl_module.towers() if hasattr(pl_module, "towers") else None
+    if not towers:
+        raise PtftError(f"tower={tower!r}: {type(pl_module).__name__} has no towers (multimodal modules have)")
+    if tower not in towers:
+        raise PtftError(f"tower={tower!r} does not exist; {type(pl_module).__name__} has towers {sorted(towers)}")
+    prefixes = towers[tower]
+    return {n for n, _ in pl_module.model.named_parameters() if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
 class LinearProbe(FreezeSchedule):

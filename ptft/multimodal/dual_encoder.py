@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ptft.core.errors import PtftError
+from ptft.core.freezing import tower_parameters
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
 from ptft.core.module import FineTuneModule
@@ -129,6 +130,9 @@ class DualEncoder(FineTuneModule):
         prompt: The caption of a class for zero-shot scoring, ``{}`` standing for the name.
         tokenizer: Tokenizer for captions and prompts; defaults to the text tower's (``model_name`` or ``text_model``).
         max_length: Longest caption in tokens.
+        tower_lr: Learning rate of each named tower (``text``, ``vision``, ``projection``, ``scale``), e.g.
+            ``{text: 1.0e-5, vision: 1.0e-4}``; layer-wise decay applies below a tower's top. Towers not named keep
+            ``optimizer.lr`` (the projections and the scale: ``optimizer.head_lr``).
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
             ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
@@ -152,6 +156,7 @@ class DualEncoder(FineTuneModule):
         prompt: str = "a photo of a {}.",
         tokenizer: str | None = None,
         max_length: int = 64,
+        tower_lr: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         if (model_name is None) == (text_model is None and image_model is None):
@@ -194,7 +199,10 @@ class DualEncoder(FineTuneModule):
                 if p is not None:
                     p.requires_grad_(False)
         self._prompt_embeddings: torch.Tensor | None = None
+        self.tower_lr = dict(tower_lr or {})
         self.set_model(net)
+        for tower in self.tower_lr:
+            tower_parameters(self, tower)  # a tower that does not exist: one line now, not at the first step
         self._save_hparams(pretrained=False if model_name is None else pretrained)
 
     # --- building -------------------------------------------------------------------------------------------
@@ -248,6 +256,27 @@ class DualEncoder(FineTuneModule):
             return {"text": text, "vision": vision, "projection": projection, "scale": scale}
         return {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
                 "scale": ["logit_scale", "logit_bias"]}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The shared parameter groups, each split by tower where ``tower_lr`` gives a tower its own rate."""
+        groups = super().param_groups()
+        if not self.tower_lr:
+            return groups
+        owner = {name: tower for tower in self.tower_lr for name in tower_parameters(self, tower)}
+        top = max(self.layer_ids().values(), default=0)
+        split: list[dict[str, Any]] = []
+        for group in groups:
+            parts: dict[str | None, dict[str, Any]] = {}
+            for name, param in zip(group["names"], group["params"]):
+                part = parts.setdefault(owner.get(name), {**group, "names": [], "params": []})
+                part["names"].append(name)
+                part["params"].append(param)
+            for tower, part in parts.items():
+                if tower is not None:  # the tower's rate at its top, decayed below it as the group was
+                    rate = self.tower_lr[tower]
+                    part["lr"] = rate if group.get("layer") == top else group["lr"] * rate / self.optimizer_config.lr
+                split.append(part)
+        return split
 
     def head_modules(self, model: nn.Module) -> list[str]:
         if isinstance(model, PretrainedDualEncoder):
