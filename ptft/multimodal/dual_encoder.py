@@ -311,8 +311,21 @@ class DualEncoder(FineTuneModule):
         return F.normalize(self.model.encode_text(input_ids, attention_mask).float(), dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image and caption embeddings of a batch of pairs."""
-        return self.encode_images(batch["pixel_values"]), self.encode_texts(batch["input_ids"], batch["attention_mask"])
+        """Image and caption embeddings of a batch of pairs.
+
+        Each distinct caption (``groups``) is encoded once and shared by its pairs: with class-template captions a
+        batch of 128 pairs runs the text tower on 10 captions, not 128 (dropout then draws one mask per caption).
+        """
+        images = self.encode_images(batch["pixel_values"])
+        groups = batch.get("groups")
+        if groups is None:
+            return images, self.encode_texts(batch["input_ids"], batch["attention_mask"])
+        distinct, inverse = groups.unique(return_inverse=True)
+        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(
+            0, inverse, torch.arange(len(groups), device=groups.device), reduce="amin")
+        ids, mask = batch["input_ids"][first], batch["attention_mask"][first]
+        longest = int(mask.sum(1).max())  # the batch was padded for its longest caption, maybe not one of these
+        return images, self.encode_texts(ids[:, :longest], mask[:, :longest])[inverse]
 
     def contrastive(self, images: torch.Tensor, texts: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """The loss of this rank's pairs against every rank's (gathered with gradients under DDP)."""

@@ -135,3 +135,29 @@ def test_two_processes_log_the_evaluation_metrics_of_one(tiny_bert, image_dirs, 
     assert set(ddp) == set(single)
     for key, value in single.items():
         assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, ddp, single)
+
+
+def test_each_distinct_caption_is_encoded_once_with_the_same_result(tiny_bert, tmp_path):
+    """Pairs sharing a caption share one text-tower pass: the embeddings equal those of encoding every caption."""
+    from PIL import Image
+
+    rows = []
+    for i, caption in enumerate(["a red one", "a much longer caption of a green one", "a red one", "blue", "blue"]):
+        Image.new("RGB", (16, 16), (40 * i, 20, 200)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{caption}")
+    (tmp_path / "pairs.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    data = ImageTextDataModule(train=str(tmp_path / "pairs.csv"), val=str(tmp_path / "pairs.csv"), image_size=32,
+                               batch_size=5, num_workers=0)
+    model = assembled(tiny_bert, data).eval()
+    data.connect(model)
+    data.setup("validate")
+    batch = next(iter(data.val_dataloader()))
+    assert batch["groups"].tolist() == [1, 0, 1, 2, 2]  # distinct captions, sorted: longer, red, blue
+    calls = []
+    model.model.text.register_forward_hook(lambda m, args, kwargs, out: calls.append(len(kwargs["input_ids"])),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        images, shared = model(batch)
+        plain = model.encode_texts(batch["input_ids"], batch["attention_mask"])
+    assert calls == [3, 5]  # the 3 distinct captions in one pass, then all 5
+    assert torch.allclose(shared, plain, atol=1e-5)
