@@ -117,6 +117,8 @@ class DualEncoder(FineTuneModule):
             or a folder).
         image_model: timm image encoder of an assembled dual encoder (``resnet18``, ``vit_small_patch16_224``…).
         pretrained: Load pretrained weights (every tower); ``False`` builds them from their configs with random weights.
+        image_pretrained: Whether the timm image tower starts from pretrained weights; ``None`` follows ``pretrained``
+            (e.g. a pretrained text tower with an image tower from random weights: ``image_pretrained: false``).
         image_pretrained_file: Local weights file of the timm image tower (offline).
         image_kwargs: Extra ``timm.create_model`` arguments of the image tower.
         projection_dim: Shared embedding size of an assembled dual encoder.
@@ -145,6 +147,7 @@ class DualEncoder(FineTuneModule):
         text_model: str | None = None,
         image_model: str | None = None,
         pretrained: bool = True,
+        image_pretrained: bool | None = None,
         image_pretrained_file: str | None = None,
         image_kwargs: dict[str, Any] | None = None,
         projection_dim: int = 256,
@@ -188,7 +191,8 @@ class DualEncoder(FineTuneModule):
             from ptft.vision.modules import create_timm_model
             import timm.data
 
-            vision = create_timm_model(image_model, pretrained, image_pretrained_file, num_classes=0, **(image_kwargs or {}))
+            image_pretrained = pretrained if image_pretrained is None else image_pretrained
+            vision = create_timm_model(image_model, image_pretrained, image_pretrained_file, num_classes=0, **(image_kwargs or {}))
             self._image_data_config = timm.data.resolve_data_config(model=vision)
             sigmoid = self.loss_kind == "sigmoid"
             net = AssembledDualEncoder(text, vision, projection_dim, text_pooling,
@@ -203,7 +207,7 @@ class DualEncoder(FineTuneModule):
         self.set_model(net)
         for tower in self.tower_lr:
             tower_parameters(self, tower)  # a tower that does not exist: one line now, not at the first step
-        self._save_hparams(pretrained=False if model_name is None else pretrained)
+        self._save_hparams(pretrained=False, image_pretrained=False, image_pretrained_file=None)
 
     # --- building -------------------------------------------------------------------------------------------
     @staticmethod
