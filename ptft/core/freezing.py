@@ -200,12 +200,15 @@ class FreezeSchedule(L.Callback):
         training = sum(p.numel() for n, p in self._params.items() if n in self._training)
         total = sum(p.numel() for p in self._params.values())
         first = self._top + 1 - depth
+        which = f"layers {max(first, 0)}-{self._top} of 0-{self._top} train" if depth > 0 else f"no layer of 0-{self._top} trains"
+        where = f"tower {self.tower}, " if self.tower is not None else ""
         rank_zero_info(
-            f"epoch {trainer.current_epoch}, step {trainer.global_step}: layers {max(first, 0)}-{self._top} of "
-            f"0-{self._top} train, {training:,} of {total:,} parameters ({100 * training / max(total, 1):.1f}%)"
+            f"{where}epoch {trainer.current_epoch}, step {trainer.global_step}: {which}, {training:,} of {total:,} "
+            f"parameters ({100 * training / max(total, 1):.1f}%)"
         )
         if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({"freeze/trainable_fraction": training / max(total, 1)}, step=trainer.global_step)
+            key = f"freeze/{self.tower}/trainable_fraction" if self.tower is not None else "freeze/trainable_fraction"
+            trainer.logger.log_metrics({key: training / max(total, 1)}, step=trainer.global_step)
 
     def _set_bn_modes(self, pl_module: L.LightningModule) -> None:
         if self.freeze_bn == "none":
