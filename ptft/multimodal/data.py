@@ -98,6 +98,9 @@ def _csv_pairs(location: str, split: str, path_column: str, caption_column: str)
         rows = list(reader)
     if not rows:
         raise PtftError(f"{split}: {csv_path} lists no image")
+    no_image = [i for i, row in enumerate(rows) if not (row[path_column] or "").strip()]
+    if no_image:
+        raise PtftError(f"{csv_path}: {len(no_image)} row(s) without an image path, first: data row {no_image[0] + 1}")
     empty = [i for i, row in enumerate(rows) if not (row[caption_column] or "").strip()]
     if empty:
         raise PtftError(f"{csv_path}: {len(empty)} row(s) without a caption, first: data row {empty[0] + 1} "

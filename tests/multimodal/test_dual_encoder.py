@@ -96,6 +96,9 @@ def test_one_line_errors(tiny_bert, tiny_clip, image_dirs, tmp_path):
     (tmp_path / "empty.csv").write_text("path,caption\nx.png,a cat\ny.png,  \n")
     with pytest.raises(PtftError, match="1 row\\(s\\) without a caption, first: data row 2"):
         ImageTextDataModule(train=str(tmp_path / "empty.csv"))
+    (tmp_path / "no-image.csv").write_text("path,caption\nx.png,a cat\n,a dog\n")
+    with pytest.raises(PtftError, match="1 row\\(s\\) without an image path, first: data row 2"):
+        ImageTextDataModule(train=str(tmp_path / "no-image.csv"))
     model = DualEncoder(text_model=tiny_bert, image_model="test_resnet", pretrained=False)
     with pytest.raises(PtftError, match="needs class names"):
         model.prompts()
