@@ -135,7 +135,7 @@ def main() -> None:
         "",
         "",
         f"`python bench/audio_fsdd.py{' --speakers ' + ' '.join(args.speakers) if args.speakers else ''}"
-        f"{f' --epochs {args.epochs}' if args.epochs != 15 else ''}{f' --model {args.model}' if args.model != 'resnet18' else ''}"
+        f"{f' --jobs {args.jobs}' if args.jobs != 1 else ''}{f' --epochs {args.epochs}' if args.epochs != 15 else ''}{f' --model {args.model}' if args.model != 'resnet18' else ''}"
         f"{''.join(f' --extra={e}' for e in args.extra)}` — "
         f"recipes/audio/keyword-cnn.yaml (timm `{args.model}` from random weights over 64-band log-mels at FSDD's 8 kHz, "
         f"SpecAugment, shift / gain / noise augmentation, 1 s training crops, AdamW 1e-3 cosine, {args.epochs} epochs, "
