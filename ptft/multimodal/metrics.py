@@ -28,7 +28,9 @@ class CrossModalRetrieval(Metric):
     """Recall@k of ``a -> b`` retrieval (e.g. image to text) and ``b -> a``, over every pair of the epoch.
 
     A retrieval is right when the retrieved item belongs to the query's group: its own pair, or (``groups`` given) a
-    pair sharing its caption. Every embedding of the epoch is kept (``cat`` states, gathered across DDP processes);
+    pair sharing its caption. The ``b`` side of a group is one caption, so it counts once: as one candidate when
+    images retrieve captions, as one query when captions retrieve images (with class-template captions, image -> text
+    recall@k is then top-k accuracy among the distinct captions). Every embedding of the epoch is kept (``cat`` states, gathered across DDP processes);
     given the examples' dataset ``indices``, :meth:`compute` drops the copies that DDP's evaluation sampler pads with,
     so 2 processes score exactly what 1 does. torchmetrics' ``RetrievalRecall`` takes one score per (query, candidate)
     pair, an n x n input where this scores 1,024 queries at a time.
@@ -70,9 +72,14 @@ class CrossModalRetrieval(Metric):
             groups = groups[keep] if groups is not None else indices[keep]
         elif groups is None:
             groups = torch.arange(len(a), device=a.device)
+        # A caption shared by several pairs (one group) is one text: one candidate for a -> b, one query for b -> a.
+        shared = first_of_each_index(groups)
+        b_shared, b_groups = b[shared], groups[shared]
         first, second = self.names
         results = {}
-        for (name, queries, candidates) in ((f"{first}_to_{second}", a, b), (f"{second}_to_{first}", b, a)):
-            for k, value in recall_at_k(queries, candidates, groups, groups, self.top_k).items():
+        for name, queries, q_groups, candidates, c_groups in (
+            (f"{first}_to_{second}", a, groups, b_shared, b_groups), (f"{second}_to_{first}", b_shared, b_groups, a, groups)
+        ):
+            for k, value in recall_at_k(queries, candidates, q_groups, c_groups, self.top_k).items():
                 results[f"{name}/recall@{k}"] = value
         return results
