@@ -87,6 +87,7 @@ class AdaptBatchNorm(L.Callback):
                             "statistics to adapt; remove the callback")
         self._saved = [{"layer": m, "momentum": m.momentum,
                         "buffers": {k: v.clone() for k, v in m.named_buffers(recurse=False)}} for m in layers]
+        modes = [(m, m.training, m.momentum) for m in layers]
         for m in layers:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches, as update_bn
@@ -104,11 +105,14 @@ class AdaptBatchNorm(L.Callback):
                             break
                         pl_module(trainer.strategy.batch_to_device(batch, dataloader_idx=index))
                         seen += 1
+        except BaseException:
+            self._restore(pl_module)  # never leave half-adapted statistics in a model that may be saved later
+            raise
         finally:
             pl_module.train(was_training)
-            for m in layers:
-                m.train(was_training)
-                m.momentum = next(s["momentum"] for s in self._saved if s["layer"] is m)
+            for m, training, momentum in modes:  # each layer as it was (a frozen layer may have been in eval mode)
+                m.train(training)
+                m.momentum = momentum
         if seen == 0:
             self._restore(pl_module)
             raise PtftError("AdaptBatchNorm: the stage's dataloader gave no batch to estimate statistics from")

@@ -126,3 +126,19 @@ def test_two_processes_adapt_to_the_statistics_of_one(tmp_path):
     for rank in stats["two"]:
         assert rank["mean"] == pytest.approx(one["mean"], abs=1e-5)
         assert rank["var"] == pytest.approx(one["var"], rel=1e-5)
+
+
+def test_a_failing_adaptation_leaves_the_trained_statistics(tmp_path):
+    class Breaks(BlobNet):
+        def forward(self, batch):
+            if self.bn.training and self.adapt_calls == 2:
+                raise RuntimeError("bad batch")
+            return super().forward(batch)
+
+    model = Breaks()
+    before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match="bad batch"):
+        trainer(tmp_path, callbacks=[AdaptBatchNorm()]).test(model, loader(two_blobs(32, 0, 3.0, 5.0)), verbose=False)
+    for name, value in model.bn.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert model.bn.momentum == 0.1
