@@ -63,7 +63,8 @@ def open_file(source: FileSource, archives: dict[tuple[int, Path], zipfile.ZipFi
     return io.BytesIO(archive.read(source.root.as_posix()))
 
 
-def _read_csv(location: str, arg: str, columns: list[str]) -> tuple[Path, list[dict[str, str]]]:
+def _read_csv(location: str, arg: str, columns: list[str], hint: str = "") -> tuple[Path, list[dict[str, str]]]:
+    """The CSV's path and rows; one-line errors for a missing file or column (``hint`` ends the column error)."""
     csv_path = Path(location).expanduser()
     if not csv_path.is_file():
         raise PtftError(f"{arg}: {location!r} does not exist")
@@ -71,7 +72,7 @@ def _read_csv(location: str, arg: str, columns: list[str]) -> tuple[Path, list[d
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise PtftError(f"{csv_path} has no column {missing[0]!r} (columns: {reader.fieldnames})")
+            raise PtftError(f"{csv_path} has no column {missing[0]!r} (columns: {reader.fieldnames}){hint}")
         return csv_path, list(reader)
 
 

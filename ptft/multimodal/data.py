@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import csv
-import zipfile
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
-from ptft.core.files import FileSource, describe, drop_unreadable, list_files, list_labelled_files
-from ptft.vision.data import IMAGE_SUFFIXES, augment_options, image_sizes, image_transform, open_image, to_rgb
+from ptft.core.files import FileSource, _read_csv, list_files, list_labelled_files
+from ptft.vision.data import (
+    IMAGE_SUFFIXES,
+    ImageDataset,
+    augment_options,
+    drop_unreadable_images,
+    image_transform,
+)
 
 #: One row: the image, its caption, and its class name (class-folder data) or ``None``.
 Row = tuple[FileSource, str | None, str | None]
 
 
-class ImageTextDataset(Dataset):
+class ImageTextDataset(ImageDataset):
     """Images (decoded with PIL, transformed) with their tokenised captions, caption group ids and dataset indices.
 
     Captions are tokenised once per distinct caption; a caption's group id is its index among the split's distinct
@@ -29,10 +31,7 @@ class ImageTextDataset(Dataset):
 
     def __init__(self, images: list[FileSource], captions: list[str] | None, labels: list[int] | None, tokenizer: Any,
                  max_length: int, transform: Any) -> None:
-        self.images = images
-        self.labels = labels
-        self.transform = transform
-        self._archives: dict[tuple[int, Path], zipfile.ZipFile] = {}
+        super().__init__(images, labels, transform)
         self.groups: list[int] | None = None
         self.tokens: list[list[int]] = []
         if captions is not None:
@@ -41,24 +40,11 @@ class ImageTextDataset(Dataset):
             self.groups = [index[c] for c in captions]
             self.tokens = tokenizer(distinct, truncation=True, max_length=max_length)["input_ids"]
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_archives": {}}  # open zip handles do not cross into worker processes
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def item_names(self) -> list[str]:
-        """Each image's file as given (the ``file`` column of predictions)."""
-        return [describe(image) for image in self.images]
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"pixel_values": self.transform(to_rgb(open_image(self.images[index], self._archives))),
-                                "indices": index}
+        item = {**super().__getitem__(index), "indices": index}
         if self.groups is not None:
             item["groups"] = self.groups[index]
             item["input_ids"] = self.tokens[self.groups[index]]
-        if self.labels is not None:
-            item["labels"] = self.labels[index]
         return item
 
 
@@ -86,25 +72,14 @@ class PairCollator:
 
 
 def _csv_pairs(location: str, split: str, path_column: str, caption_column: str) -> list[Row]:
-    csv_path = Path(location).expanduser()
-    if not csv_path.is_file():
-        raise PtftError(f"{split}: {location!r} does not exist")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (path_column, caption_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PtftError(f"{csv_path} has no column {missing[0]!r} (columns: {reader.fieldnames}); set "
-                            f"data.init_args.{'path' if missing[0] == path_column else 'caption'}_column")
-        rows = list(reader)
+    hint = "; set data.init_args.path_column / caption_column"
+    csv_path, rows = _read_csv(location, split, [path_column, caption_column], hint)
     if not rows:
         raise PtftError(f"{split}: {csv_path} lists no image")
-    no_image = [i for i, row in enumerate(rows) if not (row[path_column] or "").strip()]
-    if no_image:
-        raise PtftError(f"{csv_path}: {len(no_image)} row(s) without an image path, first: data row {no_image[0] + 1}")
-    empty = [i for i, row in enumerate(rows) if not (row[caption_column] or "").strip()]
-    if empty:
-        raise PtftError(f"{csv_path}: {len(empty)} row(s) without a caption, first: data row {empty[0] + 1} "
-                        f"({rows[empty[0]][path_column]!r})")
+    for column, what in ((path_column, "an image path"), (caption_column, "a caption")):
+        missing = [i for i, row in enumerate(rows) if not (row[column] or "").strip()]
+        if missing:
+            raise PtftError(f"{csv_path}: {len(missing)} row(s) without {what}, first: data row {missing[0] + 1}")
     return [(FileSource(csv_path.parent / row[path_column]), row[caption_column].strip(), None) for row in rows]
 
 
@@ -214,10 +189,7 @@ class ImageTextDataModule(FineTuneDataModule):
         return self.pairs[split]
 
     def check(self, split: str, rows: list[Row]) -> list[Row]:
-        images = [image for image, _, _ in rows]
-        problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(images)) if isinstance(s, str)])
-        return drop_unreadable(rows, problems, lambda i: describe(images[i]), split, self.on_bad_image, "image",
-                               "on_bad_image")
+        return drop_unreadable_images(self, split, rows, [image for image, _, _ in rows], self.on_bad_image)
 
     def build(self, split: str, rows: list[Row]) -> ImageTextDataset:
         if self.tokenizer is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import torch
@@ -23,6 +23,8 @@ from ptft.core.files import (
     open_file,
 )
 from ptft.core.labels import encode_labels
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -139,6 +141,15 @@ class ImageDataset(Dataset):
     def unreadable(self) -> list[int]:
         """Indices of images PIL cannot open or verify (:func:`image_sizes`: parallel and cached)."""
         return [i for i, size in enumerate(image_sizes(self.images)) if isinstance(size, str)]
+
+
+def drop_unreadable_images(data: Any, split: str, rows: list[T], images: list[ImageSource],
+                           policy: Literal["error", "skip"]) -> list[T]:
+    """``rows`` (``images[i]`` is row ``i``'s image) without those whose image cannot be read, under ``policy``
+    (``on_bad_image``; :func:`ptft.core.files.drop_unreadable`). One check for N processes: rank 0 of ``data`` (a
+    :class:`ptft.core.data.FineTuneDataModule`) reads the images, or the cache, and every rank gets the problems."""
+    problems = data.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(images)) if isinstance(s, str)])
+    return drop_unreadable(rows, problems, lambda i: describe(images[i]), split, policy, "image", "on_bad_image")
 
 
 TRIVIAL_AUGMENT = "trivialaugment"
@@ -329,11 +340,7 @@ class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule
 
     # --- the base's hooks -----------------------------------------------------------------------------------
     def check(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> list[tuple[ImageSource, str | None]]:
-        images = [image for image, _ in rows]
-        # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
-        problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(images)) if isinstance(s, str)])
-        return drop_unreadable(rows, problems, lambda i: describe(images[i]), split, self.on_bad_image, "image",
-                               "on_bad_image")
+        return drop_unreadable_images(self, split, rows, [image for image, _ in rows], self.on_bad_image)
 
     def build(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> ImageDataset:
         images = [image for image, _ in rows]

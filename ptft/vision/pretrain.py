@@ -23,10 +23,9 @@ from torch import nn
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
-from ptft.core.files import drop_unreadable
 from ptft.core.layers import timm_layer_ids
 from ptft.core.module import FineTuneModule
-from ptft.vision.data import ImageDataset, ImageSource, collate, describe, image_sizes, list_images
+from ptft.vision.data import ImageDataset, ImageSource, collate, drop_unreadable_images, list_images
 from ptft.vision.modules import create_timm_model
 
 
@@ -138,10 +137,7 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         return self.images.get(split)
 
     def check(self, split: str, rows: list[ImageSource]) -> list[ImageSource]:
-        # One check for N processes: rank 0 reads the images (or the cache), every rank gets the problems.
-        problems = self.on_rank_zero(lambda: [(i, s) for i, s in enumerate(image_sizes(rows)) if isinstance(s, str)])
-        return drop_unreadable(rows, problems, lambda i: describe(rows[i]), split, self.on_bad_image, "image",
-                               "on_bad_image")
+        return drop_unreadable_images(self, split, rows, rows, self.on_bad_image)
 
     def build(self, split: str, rows: list[ImageSource]) -> ImageDataset:
         return ImageDataset(rows, None, self.transform())
@@ -278,9 +274,10 @@ class SimCLR(FineTuneModule):
         return nt_xent(z1, z2, self.temperature, all_z1, all_z2, rank=self.global_rank)
 
     def update_metrics(self, stage: str, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
-        # A plain mean that Lightning averages over the epoch, weighted by views; over every rank for val / test.
+        # Training: this rank's value per step; val / test: a mean over the epoch's views on every rank.
+        train = stage == "train"
         self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0],
-                 sync_dist=stage != "train")
+                 on_step=train, on_epoch=not train, sync_dist=not train)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return ["projector"]
