@@ -163,10 +163,12 @@ class Wav2Vec2Pretrainer(HFModule, FineTuneModule):
     def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
         out, count = outputs
         size = batch["input_values"].shape[0]
-        sync = stage != "train"
-        self.log(f"{stage}/contrastive_loss", out.contrastive_loss / count, batch_size=size, sync_dist=sync)
-        self.log(f"{stage}/diversity_loss", out.diversity_loss / count, batch_size=size, sync_dist=sync)
-        self.log(f"{stage}/codevector_perplexity", out.codevector_perplexity, batch_size=size, sync_dist=sync)
+        # Training: this rank's value per step (as train/loss); evaluation: epoch means over every rank.
+        train = stage == "train"
+        scope = {"on_step": train, "on_epoch": not train, "sync_dist": not train}
+        self.log(f"{stage}/contrastive_loss", out.contrastive_loss / count, batch_size=size, **scope)
+        self.log(f"{stage}/diversity_loss", out.diversity_loss / count, batch_size=size, **scope)
+        self.log(f"{stage}/codevector_perplexity", out.codevector_perplexity, batch_size=size, **scope)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         start, end, decay = self.gumbel
