@@ -61,6 +61,23 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A local model folder: a 2-layer, hidden-32 random wav2vec2 with its feature extractor at 16 kHz."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-wav2vec2")
+    config = Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4), num_feat_extract_layers=3,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+        mask_time_prob=0.0, classifier_proj_size=16,
+    )
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(path)
+    return str(path)
+
+
 def sentiment_rows(n: int, seed: int, labels: tuple[str, str] = ("negative", "positive")) -> list[dict[str, str]]:
     """Short synthetic reviews: the label is decided by one sentiment word among filler words."""
     rng = random.Random(seed)

@@ -2,7 +2,10 @@
 
 from ptft.multimodal.data import ImageTextDataModule
 from ptft.multimodal.dual_encoder import DualEncoder
+from ptft.multimodal.fusion import FusionClassifier
+from ptft.multimodal.fusion_data import MultimodalClassificationDataModule
 from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
 
-__all__ = ["CrossModalRetrieval", "DualEncoder", "ImageTextDataModule", "contrastive_loss", "sigmoid_loss"]
+__all__ = ["CrossModalRetrieval", "DualEncoder", "FusionClassifier", "ImageTextDataModule",
+           "MultimodalClassificationDataModule", "contrastive_loss", "sigmoid_loss"]

@@ -18,12 +18,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ptft.core.errors import PtftError
-from ptft.core.freezing import tower_parameters
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
 from ptft.core.module import FineTuneModule
 from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
+from ptft.multimodal.towers import TowerLearningRates, stretched_layer_ids, text_tower
 
 #: CLIP clamps its learned logit scale at log(100): sharper logits than 1/0.01 only destabilise training.
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -96,7 +96,7 @@ def _features(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-class DualEncoder(FineTuneModule):
+class DualEncoder(TowerLearningRates, FineTuneModule):
     """Image-text contrastive training (CLIP, SigLIP) of a pretrained dual encoder or of two assembled towers.
 
     Give ``model_name`` (a transformers CLIP / SigLIP-family model by hub name or folder) or both ``text_model`` (any
@@ -187,7 +187,7 @@ class DualEncoder(FineTuneModule):
             self._image_data_config = self._processor_data_config(model_name)
         else:
             self.loss_kind = "contrastive" if loss == "auto" else loss
-            text = self._load_text_tower(text_model, pretrained)
+            text = text_tower(text_model, pretrained)
             from ptft.vision.modules import create_timm_model
             import timm.data
 
@@ -203,10 +203,8 @@ class DualEncoder(FineTuneModule):
                 if p is not None:
                     p.requires_grad_(False)
         self._prompt_embeddings: torch.Tensor | None = None
-        self.tower_lr = dict(tower_lr or {})
         self.set_model(net)
-        for tower in self.tower_lr:
-            tower_parameters(self, tower)  # a tower that does not exist: one line now, not at the first step
+        self.init_tower_lr(tower_lr)
         self._save_hparams(pretrained=False, image_pretrained=False, image_pretrained_file=None)
 
     # --- building -------------------------------------------------------------------------------------------
@@ -222,16 +220,6 @@ class DualEncoder(FineTuneModule):
             raise PtftError(f"DualEncoder: {name!r} ({type(model).__name__}) is not an image-text dual encoder (no "
                             "get_text_features / get_image_features); assemble one with text_model and image_model")
         return model
-
-    @staticmethod
-    def _load_text_tower(name: str, pretrained: bool) -> nn.Module:
-        from transformers import AutoConfig, AutoModel
-
-        name = resolve_model_name(name)
-        config = load_pretrained(AutoConfig.from_pretrained, name, "config")
-        if pretrained:
-            return load_pretrained(AutoModel.from_pretrained, name, config=config, dtype=torch.float32)
-        return AutoModel.from_config(config, dtype=torch.float32)
 
     @staticmethod
     def _processor_data_config(name: str) -> dict[str, Any]:
@@ -261,27 +249,6 @@ class DualEncoder(FineTuneModule):
         return {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
                 "scale": ["logit_scale", "logit_bias"]}
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The shared parameter groups, each split by tower where ``tower_lr`` gives a tower its own rate."""
-        groups = super().param_groups()
-        if not self.tower_lr:
-            return groups
-        owner = {name: tower for tower in self.tower_lr for name in tower_parameters(self, tower)}
-        top = max(self.layer_ids().values(), default=0)
-        split: list[dict[str, Any]] = []
-        for group in groups:
-            parts: dict[str | None, dict[str, Any]] = {}
-            for name, param in zip(group["names"], group["params"]):
-                part = parts.setdefault(owner.get(name), {**group, "names": [], "params": []})
-                part["names"].append(name)
-                part["params"].append(param)
-            for tower, part in parts.items():
-                if tower is not None:  # the tower's rate at its top, decayed below it as the group was
-                    rate = self.tower_lr[tower]
-                    part["lr"] = rate if group.get("layer") == top else group["lr"] * rate / self.optimizer_config.lr
-                split.append(part)
-        return split
-
     def head_modules(self, model: nn.Module) -> list[str]:
         if isinstance(model, PretrainedDualEncoder):
             return []  # every part of a pretrained dual encoder was trained together
@@ -296,14 +263,7 @@ class DualEncoder(FineTuneModule):
             per_tower = {f"model.{p}": hf_layer_ids(m, lambda _: False) for p, m in towers.items()}
         else:
             per_tower = {"text": hf_layer_ids(model.text, lambda _: False), "vision": timm_layer_ids(model.vision)}
-        top = max((max(ids.values(), default=0) for ids in per_tower.values()), default=0)
-        ids: dict[str, int] = {}
-        for prefix, tower_ids in per_tower.items():
-            depth = max(tower_ids.values(), default=0) or 1
-            ids.update({f"{prefix}.{n}": round(i * top / depth) for n, i in tower_ids.items()})
-        for name, _ in model.named_parameters():
-            ids.setdefault(name, top + 1)
-        return ids
+        return stretched_layer_ids(model, per_tower)
 
     # --- forward and loss -----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fixtures of the audio tests: generated clips (tests/audio_signals.py) and a tiny random wav2vec2."""
+"""Fixtures of the audio tests: generated clips (tests/audio_signals.py), tiny random speech models (the tiny
+wav2vec2 classifier is in tests/conftest.py: multimodal tests use it too)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,6 @@ from audio_signals import write_audio_tree
 def audio_dirs(tmp_path: Path) -> dict[str, str]:
     return {"train": write_audio_tree(tmp_path / "train", 16, seed=1),
             "val": write_audio_tree(tmp_path / "val", 6, seed=2)}
-
-
-@pytest.fixture(scope="session")
-def tiny_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A local model folder: a 2-layer, hidden-32 random wav2vec2 with its feature extractor at 16 kHz."""
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
-
-    path = tmp_path_factory.mktemp("tiny-wav2vec2")
-    config = Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4), num_feat_extract_layers=3,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-        mask_time_prob=0.0, classifier_proj_size=16,
-    )
-    Wav2Vec2ForSequenceClassification(config).save_pretrained(path)
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, return_attention_mask=True).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="session")
