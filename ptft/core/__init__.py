@@ -18,6 +18,7 @@ from ptft.core.freezing import (
     LinearProbe,
 )
 from ptft.core.module import FineTuneModule, load_checkpoint
+from ptft.core.objectives import WeightedObjectives
 from ptft.core.optim import (
     OptimizerConfig,
     SchedulerConfig,
@@ -47,6 +48,7 @@ __all__ = [
     "PtftError",
     "SchedulerConfig",
     "WandbLogger",
+    "WeightedObjectives",
     "WritePredictions",
     "build_optimizer",
     "build_param_groups",

@@ -49,10 +49,13 @@ class ImageTextDataset(ImageDataset):
 
 
 class PairCollator:
-    """Stacks images, pads token ids with the tokenizer's pad id (attention mask 0 there). Picklable for workers."""
+    """Stacks images, pads token ids with the tokenizer's pad id (attention mask 0 there) and, for a model with the
+    ``mlm`` objective, adds masked copies of the captions (``mlm_input_ids``, ``mlm_labels``: BERT's 80/10/10
+    masking by transformers' ``DataCollatorForLanguageModeling``, in the workers). Picklable for workers."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, masker: Any = None) -> None:
         self.pad_id = pad_id
+        self.masker = masker
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
@@ -68,6 +71,8 @@ class PairCollator:
                 ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
                 mask[row, : len(it["input_ids"])] = 1
             batch["input_ids"], batch["attention_mask"] = ids, mask
+            if self.masker is not None:
+                batch["mlm_input_ids"], batch["mlm_labels"] = self.masker.torch_mask_tokens(ids.clone())
         return batch
 
 
@@ -153,6 +158,7 @@ class ImageTextDataModule(FineTuneDataModule):
         self.on_bad_image = on_bad_image
         self.model_data_config: dict[str, Any] | None = None
         self.tokenizer: Any = None
+        self.mlm_probability: float | None = None
         self.pairs = {split: self._list(split, loc) for split, loc in self.locations.items() if split != "predict"}
         self.class_names = list(class_names) if class_names else self._discover_classes()
 
@@ -179,6 +185,10 @@ class ImageTextDataModule(FineTuneDataModule):
                             f"{type(model).__name__}")
         self.model_data_config = model.data_config()
         self.tokenizer = model.tokenizer()
+        self.mlm_probability = getattr(model, "mlm_probability", None)
+        if self.mlm_probability is not None and self.tokenizer.mask_token_id is None:
+            raise PtftError(f"the mlm objective needs a tokenizer with a mask token; {self.tokenizer.name_or_path!r} "
+                            "has none")
 
     def load_split(self, split: str) -> list[Row] | None:
         if split == "predict":
@@ -208,4 +218,9 @@ class ImageTextDataModule(FineTuneDataModule):
 
     def collate_fn(self) -> PairCollator:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
-        return PairCollator(0 if pad is None else pad)
+        masker = None
+        if self.mlm_probability is not None:
+            from transformers import DataCollatorForLanguageModeling
+
+            masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
+        return PairCollator(0 if pad is None else pad, masker)

@@ -21,8 +21,12 @@ from ptft.core.errors import PtftError
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
 from ptft.core.module import FineTuneModule
+from ptft.core.objectives import Weighting, WeightedObjectives
+from ptft.multimodal.fusion import FusionHead
 from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
+from ptft.multimodal.objectives import OBJECTIVES, MaskedLMHead, hard_negatives
+from ptft.text.heads import masked_mean
 from ptft.multimodal.towers import TowerLearningRates, stretched_layer_ids, text_tower
 
 #: CLIP clamps its learned logit scale at log(100): sharper logits than 1/0.01 only destabilise training.
@@ -55,17 +59,27 @@ class AssembledDualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text tower's token states ``(B, T, H)``."""
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def project_text(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.text_pooling == "cls":
-            pooled = states[:, 0]
-        else:
-            weights = attention_mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return self.text_projection(pooled)
+            return self.text_projection(states[:, 0])
+        return self.text_projection(masked_mean(states, attention_mask))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.project_text(self.text_states(input_ids, attention_mask), attention_mask)
+
+    def image_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The image tower's unpooled features (timm's ``forward_features``: a CNN's map, a ViT's tokens)."""
+        return self.vision.forward_features(pixel_values)
+
+    def project_image(self, states: torch.Tensor) -> torch.Tensor:
+        return self.vision_projection(self.vision.forward_head(states, pre_logits=True))
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_projection(self.vision(pixel_values))
+        return self.project_image(self.image_states(pixel_values))
 
 
 class PretrainedDualEncoder(nn.Module):
@@ -132,6 +146,13 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         prompt: The caption of a class for zero-shot scoring, ``{}`` standing for the name.
         tokenizer: Tokenizer for captions and prompts; defaults to the text tower's (``model_name`` or ``text_model``).
         max_length: Longest caption in tokens.
+        objectives: Pre-training objectives and their weights: ``contrastive`` (CLIP / SigLIP), ``itm`` (image-text
+            matching on hard negatives, through a cross-attention head) and ``mlm`` (masked language modelling on the
+            text tower), e.g. ``{contrastive: 1.0, itm: 1.0, mlm: 1.0}``; each is logged as ``<stage>/loss_<name>``.
+            ``itm`` and ``mlm`` need an assembled dual encoder (``text_model`` + ``image_model``).
+        objective_weighting: ``static`` (the weights as given) or ``learned`` (uncertainty weighting, Kendall et al.
+            2018: each loss's weight learned with the model; :class:`ptft.core.WeightedObjectives`).
+        mlm_probability: Share of caption tokens masked for ``mlm`` (BERT: 0.15).
         tower_lr: Learning rate of each named tower (``text``, ``vision``, ``projection``, ``scale``), e.g.
             ``{text: 1.0e-5, vision: 1.0e-4}``; layer-wise decay applies below a tower's top. Towers not named keep
             ``optimizer.lr`` (the projections and the scale: ``optimizer.head_lr``).
@@ -159,9 +180,21 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         prompt: str = "a photo of a {}.",
         tokenizer: str | None = None,
         max_length: int = 64,
+        objectives: dict[str, float] | None = None,
+        objective_weighting: Weighting = "static",
+        mlm_probability: float = 0.15,
         tower_lr: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
+        objectives = dict(objectives or {"contrastive": 1.0})
+        unknown = sorted(set(objectives) - set(OBJECTIVES))
+        if unknown:
+            raise PtftError(f"DualEncoder: unknown objective(s) {unknown}; choose among {list(OBJECTIVES)}")
+        if model_name is not None and set(objectives) - {"contrastive"}:
+            raise PtftError("DualEncoder: objectives itm / mlm need an assembled dual encoder (text_model + "
+                            "image_model), not model_name")
+        if not 0 < mlm_probability < 1:
+            raise PtftError(f"DualEncoder: mlm_probability must be between 0 and 1, got {mlm_probability}")
         if (model_name is None) == (text_model is None and image_model is None):
             raise PtftError("DualEncoder: give model_name (a CLIP / SigLIP-family model) or text_model and image_model "
                             "(two towers to assemble), not both")
@@ -198,6 +231,17 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             net = AssembledDualEncoder(text, vision, projection_dim, text_pooling,
                                        logit_scale=math.log(10.0) if sigmoid else math.log(1 / temperature),
                                        logit_bias=-10.0 if sigmoid else None)
+        if "itm" in objectives:
+            width = net.text.config.hidden_size
+            heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
+            net.itm_head = FusionHead("cross_attention", width, net.vision_projection.in_features, width, 2, 0.1,
+                                      heads, 1)
+        if "mlm" in objectives:
+            net.mlm_head = MaskedLMHead(net.text.config.hidden_size, net.text.get_input_embeddings(),
+                                        getattr(net.text.config, "layer_norm_eps", 1e-12))
+        net.objectives = WeightedObjectives(objectives, objective_weighting)
+        #: The data module masks captions for ``mlm`` at this rate (``None``: no masking).
+        self.mlm_probability = mlm_probability if "mlm" in objectives else None
         if not learn_temperature:
             for p in (net.logit_scale, net.logit_bias):
                 if p is not None:
@@ -246,13 +290,18 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             projection = [f"model.{n}" for n in ("text_projection", "visual_projection") if hasattr(m, n)]
             scale = [f"model.{n}" for n in ("logit_scale", "logit_bias") if hasattr(m, n)]
             return {"text": text, "vision": vision, "projection": projection, "scale": scale}
-        return {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
-                "scale": ["logit_scale", "logit_bias"]}
+        towers = {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
+                  "scale": ["logit_scale", "logit_bias"]}
+        heads = [name for name in ("itm_head", "mlm_head") if hasattr(self.model, name)]
+        if heads:  # the objectives' own heads (the MLM decoder is the text tower's tied word embeddings)
+            towers["objective_heads"] = heads
+        return towers
 
     def head_modules(self, model: nn.Module) -> list[str]:
         if isinstance(model, PretrainedDualEncoder):
-            return []  # every part of a pretrained dual encoder was trained together
-        return ["text_projection", "vision_projection", "logit_scale", "logit_bias"]
+            return ["objectives"]  # every other part of a pretrained dual encoder was trained together
+        return ["text_projection", "vision_projection", "logit_scale", "logit_bias", "itm_head", "mlm_head",
+                "objectives"]
 
     def discover_layers(self, model: nn.Module) -> dict[str, int]:
         """Each tower's own depth (transformers blocks; timm's ``group_matcher``), stretched so both towers' tops meet;
@@ -274,6 +323,20 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         """Unit-length text embeddings ``(B, D)``."""
         return F.normalize(self.model.encode_text(input_ids, attention_mask).float(), dim=-1)
 
+    @staticmethod
+    def distinct_captions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids and masks of each distinct caption of a batch (``groups``), and each pair's index among them
+        (``None``: every caption encoded, no groups)."""
+        groups = batch.get("groups")
+        if groups is None:
+            return batch["input_ids"], batch["attention_mask"], None
+        distinct, inverse = groups.unique(return_inverse=True)
+        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(
+            0, inverse, torch.arange(len(groups), device=groups.device), reduce="amin")
+        ids, mask = batch["input_ids"][first], batch["attention_mask"][first]
+        longest = int(mask.sum(1).max())  # the batch was padded for its longest caption, maybe not one of these
+        return ids[:, :longest], mask[:, :longest], inverse
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and caption embeddings of a batch of pairs.
 
@@ -281,15 +344,9 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         batch of 128 pairs runs the text tower on 10 captions, not 128 (dropout then draws one mask per caption).
         """
         images = self.encode_images(batch["pixel_values"])
-        groups = batch.get("groups")
-        if groups is None:
-            return images, self.encode_texts(batch["input_ids"], batch["attention_mask"])
-        distinct, inverse = groups.unique(return_inverse=True)
-        first = torch.full((len(distinct),), len(groups), device=groups.device).scatter_reduce(
-            0, inverse, torch.arange(len(groups), device=groups.device), reduce="amin")
-        ids, mask = batch["input_ids"][first], batch["attention_mask"][first]
-        longest = int(mask.sum(1).max())  # the batch was padded for its longest caption, maybe not one of these
-        return images, self.encode_texts(ids[:, :longest], mask[:, :longest])[inverse]
+        ids, mask, inverse = self.distinct_captions(batch)
+        texts = self.encode_texts(ids, mask)
+        return images, texts if inverse is None else texts[inverse]
 
     def contrastive(self, images: torch.Tensor, texts: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """The loss of this rank's pairs against every rank's (gathered with gradients under DDP)."""
@@ -307,8 +364,71 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         return contrastive_loss(images, texts, scale, groups=groups, **gathered)
 
     def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
-        images, texts = self(batch)
-        return self.contrastive(images, texts, batch.get("groups")), (images.detach(), texts.detach())
+        objectives: WeightedObjectives = self.model.objectives
+        if objectives.names == ["contrastive"]:
+            images, texts = self(batch)
+            loss = objectives({"contrastive": self.contrastive(images, texts, batch.get("groups"))})
+            return loss, (images.detach(), texts.detach())
+        net = self.model
+        image_states = net.image_states(batch["pixel_values"])
+        images = F.normalize(net.project_image(image_states).float(), dim=-1)
+        ids, mask, inverse = self.distinct_captions(batch)
+        text_states = net.text_states(ids, mask)
+        texts = F.normalize(net.project_text(text_states, mask).float(), dim=-1)
+        if inverse is not None:
+            texts, text_states, mask = texts[inverse], text_states[inverse], mask[inverse]
+        losses: dict[str, torch.Tensor] = {}
+        size = len(images)
+        if "contrastive" in objectives.weights:
+            losses["contrastive"] = self.contrastive(images, texts, batch.get("groups"))
+        if "itm" in objectives.weights:
+            losses["itm"], accuracy = self.image_text_matching(image_states, text_states, mask, images, texts, batch)
+            self.log(f"{stage}/itm_acc", accuracy, batch_size=size, sync_dist=stage != "train")
+        if "mlm" in objectives.weights:
+            losses["mlm"], accuracy = self.masked_language_modelling(batch)
+            self.log(f"{stage}/mlm_acc", accuracy, batch_size=size, sync_dist=stage != "train")
+        for name, value in losses.items():
+            self.log(f"{stage}/loss_{name}", value, batch_size=size, sync_dist=stage != "train")
+        if stage == "train" and objectives.weighting == "learned":
+            self.log_dict({f"train/weight_{n}": w for n, w in objectives.effective_weights().items()}, batch_size=size)
+        return objectives(losses), (images.detach(), texts.detach())
+
+    def image_text_matching(self, image_states: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
+                            images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM loss and accuracy: each true pair (label 1), each image with a hard-negative caption and each caption
+        with a hard-negative image (label 0), through the cross-attention head. Evaluation draws its negatives from a
+        generator seeded by the batch's first index, so validation losses compare across epochs."""
+        generator = None
+        if not self.training and "indices" in batch:
+            generator = torch.Generator(images.device).manual_seed(int(batch["indices"][0]))
+        with torch.no_grad():
+            (image_rows, caption_picks), (caption_rows, image_picks) = hard_negatives(
+                images @ texts.T, batch.get("groups"), generator)
+        if image_states.ndim == 4:  # a CNN's map -> regions
+            image_states = image_states.flatten(2).transpose(1, 2)
+        all_rows = torch.arange(len(images), device=images.device)
+        image_index = torch.cat([all_rows, image_rows, image_picks])
+        text_index = torch.cat([all_rows, caption_picks, caption_rows])
+        labels = torch.cat([torch.ones_like(all_rows), torch.zeros_like(image_rows), torch.zeros_like(caption_rows)])
+        regions = image_states[image_index]
+        logits = self.model.itm_head(text_states[text_index], text_mask[text_index], regions,
+                                     torch.ones(regions.shape[:2], dtype=torch.long, device=regions.device))
+        return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
+
+    def masked_language_modelling(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and accuracy of the masked caption tokens (``mlm_input_ids`` / ``mlm_labels``, masked by
+        the data)."""
+        if "mlm_labels" not in batch:
+            raise PtftError("the mlm objective needs masked captions: use ptft.multimodal.ImageTextDataModule (it masks "
+                            "them when the model asks)")
+        states = self.model.text_states(batch["mlm_input_ids"], batch["attention_mask"])
+        labels = batch["mlm_labels"]
+        chosen = labels != -100
+        if not chosen.any():  # no token masked in this batch (very short captions): nothing to learn, no NaN
+            return states.sum() * 0.0, states.new_zeros(())
+        logits = self.model.mlm_head(states[chosen]).float()
+        return F.cross_entropy(logits, labels[chosen]), (logits.argmax(-1) == labels[chosen]).float().mean()
 
     # --- metrics ----------------------------------------------------------------------------------------------
     def build_metrics(self) -> MetricCollection | None:

@@ -22,15 +22,10 @@ from ptft.core.errors import PtftError
 from ptft.core.hf import build_hf_model
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
+from ptft.text.heads import masked_mean
 from ptft.multimodal.towers import TowerLearningRates, stretched_layer_ids, text_tower
 
 FusionKind = Literal["concat", "gated", "cross_attention"]
-
-
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``states`` ``(B, T, D)`` over the positions where ``mask`` ``(B, T)`` is 1."""
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 class FusionHead(nn.Module):
