@@ -61,3 +61,20 @@ def write_clips(root: Path, per_class: int, seed: int = 0, frames: int = 12, siz
             name = f"{i:03d}" if as_folder else f"{i:03d}.mp4"
             write_clip(root / direction / name, frames_of(direction, frames, size, rng), as_folder)
     return str(root)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def write_colour_clips(root: Path, per_class: int, seed: int = 0, frames: int = 6, size: int = 32) -> str:
+    """``root/<colour>/<i>.mp4``: clips of a square sliding over a noisy canvas of the class's colour (video-text)."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            clip = frames_of(DIRECTIONS[i % 4], frames, size, rng)
+            canvas = (clip < 150).any(-1)  # all but the square (whose channels are all >= 150)
+            tint = np.array(rgb) + rng.integers(-40, 40, (frames, size, size, 3))
+            clip[canvas] = np.clip(tint, 0, 255).astype(np.uint8)[canvas]
+            write_clip(root / name / f"{i:03d}.mp4", clip, as_folder=False)
+    return str(root)

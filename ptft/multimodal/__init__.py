@@ -6,6 +6,7 @@ from ptft.multimodal.fusion import FusionClassifier
 from ptft.multimodal.fusion_data import MultimodalClassificationDataModule
 from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
+from ptft.multimodal.video_text import VideoTextDataModule
 
 __all__ = ["CrossModalRetrieval", "DualEncoder", "FusionClassifier", "ImageTextDataModule",
-           "MultimodalClassificationDataModule", "contrastive_loss", "sigmoid_loss"]
+           "MultimodalClassificationDataModule", "VideoTextDataModule", "contrastive_loss", "sigmoid_loss"]

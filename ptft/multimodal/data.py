@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from torch.utils.data import Dataset
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
@@ -22,16 +23,16 @@ from ptft.vision.data import (
 Row = tuple[FileSource, str | None, str | None]
 
 
-class ImageTextDataset(ImageDataset):
-    """Images (decoded with PIL, transformed) with their tokenised captions, caption group ids and dataset indices.
+class CaptionedDataset(Dataset):
+    """Items of a media dataset (images or clips, with labels for zero-shot accuracy) with their tokenised captions,
+    caption group ids and dataset indices.
 
     Captions are tokenised once per distinct caption; a caption's group id is its index among the split's distinct
     captions, so pairs sharing a caption are positives of each other in the loss and the retrieval metrics.
     """
 
-    def __init__(self, images: list[FileSource], captions: list[str] | None, labels: list[int] | None, tokenizer: Any,
-                 max_length: int, transform: Any) -> None:
-        super().__init__(images, labels, transform)
+    def __init__(self, media: Dataset, captions: list[str] | None, tokenizer: Any, max_length: int) -> None:
+        self.media = media
         self.groups: list[int] | None = None
         self.tokens: list[list[int]] = []
         if captions is not None:
@@ -40,8 +41,15 @@ class ImageTextDataset(ImageDataset):
             self.groups = [index[c] for c in captions]
             self.tokens = tokenizer(distinct, truncation=True, max_length=max_length)["input_ids"]
 
+    def __len__(self) -> int:
+        return len(self.media)
+
+    def item_names(self) -> list[str]:
+        """Each item's file as given (the ``file`` column of predictions)."""
+        return self.media.item_names()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {**super().__getitem__(index), "indices": index}
+        item = {**self.media[index], "indices": index}
         if self.groups is not None:
             item["groups"] = self.groups[index]
             item["input_ids"] = self.tokens[self.groups[index]]
@@ -201,7 +209,7 @@ class ImageTextDataModule(FineTuneDataModule):
     def check(self, split: str, rows: list[Row]) -> list[Row]:
         return drop_unreadable_images(self, split, rows, [image for image, _, _ in rows], self.on_bad_image)
 
-    def build(self, split: str, rows: list[Row]) -> ImageTextDataset:
+    def build(self, split: str, rows: list[Row]) -> CaptionedDataset:
         if self.tokenizer is None:
             raise PtftError("ImageTextDataModule is not connected to a model: call connect(model) first")
         labels = None
@@ -212,9 +220,13 @@ class ImageTextDataModule(FineTuneDataModule):
                 raise PtftError(f"{split}: class folder(s) {unknown[:3]} are not among the class names {self.class_names}")
             labels = [known[label] for _, _, label in rows]
         captions = None if split == "predict" else [caption for _, caption, _ in rows]
+        return CaptionedDataset(self.media_dataset(split, [item for item, _, _ in rows], labels), captions,
+                                self.tokenizer, self.max_length)
+
+    def media_dataset(self, split: str, items: list[FileSource], labels: list[int] | None) -> Dataset:
+        """The images of a split, transformed for the image tower (augmented in training)."""
         transform = image_transform(self.model_data_config, self.image_size, None, self.augment, split == "train")
-        return ImageTextDataset([image for image, _, _ in rows], captions, labels, self.tokenizer, self.max_length,
-                                transform)
+        return ImageDataset(items, labels, transform)
 
     def collate_fn(self) -> PairCollator:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None

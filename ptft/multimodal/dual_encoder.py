@@ -316,7 +316,12 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
 
     # --- forward and loss -----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Unit-length image embeddings ``(B, D)``."""
+        """Unit-length embeddings ``(B, D)`` of images ``(B, 3, H, W)``, or of clips ``(B, T, 3, H, W)``: the mean of
+        their frames' embeddings (CLIP4Clip's mean pooling, which turns any image-text model into a video-text one)."""
+        if pixel_values.ndim == 5:
+            batch, frames = pixel_values.shape[:2]
+            embeddings = self.model.encode_image(pixel_values.flatten(0, 1)).float()
+            return F.normalize(embeddings.view(batch, frames, -1).mean(1), dim=-1)
         return F.normalize(self.model.encode_image(pixel_values).float(), dim=-1)
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -370,6 +375,9 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             loss = objectives({"contrastive": self.contrastive(images, texts, batch.get("groups"))})
             return loss, (images.detach(), texts.detach())
         net = self.model
+        if batch["pixel_values"].ndim == 5:
+            raise PtftError("the itm / mlm objectives take images, not video clips: train clips with objectives: "
+                            "{contrastive: 1.0}")
         image_states = net.image_states(batch["pixel_values"])
         images = F.normalize(net.project_image(image_states).float(), dim=-1)
         ids, mask, inverse = self.distinct_captions(batch)
