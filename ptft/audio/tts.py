@@ -14,7 +14,6 @@ folder), else Griffin-Lim phase reconstruction of the mel spectrogram (:func:`gr
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 

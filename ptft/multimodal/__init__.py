@@ -1,5 +1,6 @@
 """Multimodal tasks: contrastive dual encoders (image / audio / video with text), fusion classifiers."""
 
+from ptft.multimodal.audio_text import AudioTextDataModule
 from ptft.multimodal.data import ImageTextDataModule
 from ptft.multimodal.dual_encoder import DualEncoder
 from ptft.multimodal.fusion import FusionClassifier
@@ -8,5 +9,5 @@ from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
 from ptft.multimodal.video_text import VideoTextDataModule
 
-__all__ = ["CrossModalRetrieval", "DualEncoder", "FusionClassifier", "ImageTextDataModule",
+__all__ = ["AudioTextDataModule", "CrossModalRetrieval", "DualEncoder", "FusionClassifier", "ImageTextDataModule",
            "MultimodalClassificationDataModule", "VideoTextDataModule", "contrastive_loss", "sigmoid_loss"]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
@@ -57,19 +57,24 @@ class CaptionedDataset(Dataset):
 
 
 class PairCollator:
-    """Stacks images, pads token ids with the tokenizer's pad id (attention mask 0 there) and, for a model with the
-    ``mlm`` objective, adds masked copies of the captions (``mlm_input_ids``, ``mlm_labels``: BERT's 80/10/10
-    masking by transformers' ``DataCollatorForLanguageModeling``, in the workers). Picklable for workers."""
+    """Items with token ids -> a batch: the media part collated by ``media_collate`` (default: images stacked;
+    audio: padded or run through a feature extractor, its mask renamed ``audio_mask``), the token ids padded with the
+    tokenizer's pad id (``attention_mask`` 0 there) and, for a model with the ``mlm`` objective, masked copies of the
+    captions (``mlm_input_ids``, ``mlm_labels``: BERT's 80/10/10 masking by transformers'
+    ``DataCollatorForLanguageModeling``, in the workers). Picklable for workers."""
 
-    def __init__(self, pad_id: int, masker: Any = None) -> None:
+    def __init__(self, pad_id: int, masker: Any = None, media_collate: Any = None) -> None:
         self.pad_id = pad_id
         self.masker = masker
+        self.media_collate = media_collate
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                 "indices": torch.tensor([it["indices"] for it in items])}
-        for key in ("groups", "labels"):
-            if key in items[0]:
+        media = [{k: v for k, v in it.items() if k != "input_ids"} for it in items]
+        batch = dict(default_collate(media) if self.media_collate is None else self.media_collate(media))
+        if "attention_mask" in batch:  # the audio's: the text's attention_mask comes next
+            batch["audio_mask"] = batch.pop("attention_mask")
+        for key in ("indices", "groups", "labels"):  # what an audio collation leaves out
+            if key in items[0] and key not in batch:
                 batch[key] = torch.tensor([it[key] for it in items])
         if "input_ids" in items[0]:
             longest = max(len(it["input_ids"]) for it in items)
@@ -189,8 +194,11 @@ class ImageTextDataModule(FineTuneDataModule):
 
     def connect(self, model: L.LightningModule) -> None:
         if not (hasattr(model, "data_config") and hasattr(model, "tokenizer")):
-            raise PtftError(f"ImageTextDataModule feeds a dual encoder (ptft.multimodal.DualEncoder), not "
+            raise PtftError(f"{type(self).__name__} feeds a dual encoder (ptft.multimodal.DualEncoder), not "
                             f"{type(model).__name__}")
+        if getattr(model, "media", "image") != "image":
+            raise PtftError(f"{type(self).__name__} feeds images (or clips) to an image-text dual encoder; for an "
+                            "audio_model use ptft.multimodal.AudioTextDataModule")
         self.model_data_config = model.data_config()
         self.tokenizer = model.tokenizer()
         self.mlm_probability = getattr(model, "mlm_probability", None)

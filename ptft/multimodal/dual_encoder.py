@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ptft.core.errors import PtftError
+from ptft.core.hf import build_hf_model
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
 from ptft.core.module import FineTuneModule
@@ -27,19 +28,21 @@ from ptft.multimodal.losses import contrastive_loss, sigmoid_loss
 from ptft.multimodal.metrics import CrossModalRetrieval
 from ptft.multimodal.objectives import OBJECTIVES, MaskedLMHead, hard_negatives
 from ptft.text.heads import masked_mean
-from ptft.multimodal.towers import TowerLearningRates, stretched_layer_ids, text_tower
+from ptft.multimodal.towers import TowerLearningRates, audio_frames, stretched_layer_ids, text_tower
 
 #: CLIP clamps its learned logit scale at log(100): sharper logits than 1/0.01 only destabilise training.
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class AssembledDualEncoder(nn.Module):
-    """Any Hugging Face text encoder and any timm image encoder, each followed by a linear projection into the shared
-    space (CLIP's bias-free projections), with a learned logit scale (and bias, for the sigmoid loss).
+    """Any Hugging Face text encoder and any timm image encoder (or Hugging Face audio encoder: CLAP-style), each
+    followed by a linear projection into the shared space (CLIP's bias-free projections), with a learned logit scale
+    (and bias, for the sigmoid loss).
 
     Args:
         text: A Hugging Face base model (``AutoModel``) returning ``last_hidden_state``.
-        vision: A timm model returning pooled features (``num_classes=0``).
+        other: A timm model returning pooled features (``num_classes=0``), or a Hugging Face audio encoder.
+        media: ``image`` (``other`` is the ``vision`` tower) or ``audio`` (the ``audio`` tower).
         projection_dim: Size of the shared embedding space.
         text_pooling: ``mean`` of the token states (padding excluded; sentence-transformers' pooling) or the first
             (``cls``) token's.
@@ -47,15 +50,20 @@ class AssembledDualEncoder(nn.Module):
         logit_bias: Starting bias (sigmoid loss), or ``None`` for no bias.
     """
 
-    def __init__(self, text: nn.Module, vision: nn.Module, projection_dim: int, text_pooling: Literal["mean", "cls"],
-                 logit_scale: float, logit_bias: float | None) -> None:
+    def __init__(self, text: nn.Module, other: nn.Module, media: Literal["image", "audio"], projection_dim: int,
+                 text_pooling: Literal["mean", "cls"], logit_scale: float, logit_bias: float | None) -> None:
         super().__init__()
         self.text = text
-        self.vision = vision
+        self.media = media
         self.text_pooling = text_pooling
         self.text_projection = nn.Linear(text.config.hidden_size, projection_dim, bias=False)
-        features = getattr(vision, "head_hidden_size", None) or vision.num_features
-        self.vision_projection = nn.Linear(features, projection_dim, bias=False)
+        if media == "image":
+            self.vision = other
+            features = getattr(other, "head_hidden_size", None) or other.num_features
+            self.vision_projection = nn.Linear(features, projection_dim, bias=False)
+        else:
+            self.audio = other
+            self.audio_projection = nn.Linear(other.config.hidden_size, projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias))) if logit_bias is not None else None
 
@@ -80,6 +88,10 @@ class AssembledDualEncoder(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_states(pixel_values))
+
+    def encode_audio(self, input_values: torch.Tensor, audio_mask: torch.Tensor | None) -> torch.Tensor:
+        """The mean of the audio tower's frame states (padding excluded), projected."""
+        return self.audio_projection(masked_mean(*audio_frames(self.audio, input_values, audio_mask)))
 
 
 class PretrainedDualEncoder(nn.Module):
@@ -130,6 +142,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         text_model: Hugging Face text encoder of an assembled dual encoder (``sentence-transformers/all-MiniLM-L6-v2``
             or a folder).
         image_model: timm image encoder of an assembled dual encoder (``resnet18``, ``vit_small_patch16_224``…).
+        audio_model: Hugging Face audio encoder of an assembled audio-text dual encoder (CLAP-style: wav2vec2, HuBERT,
+            WavLM by hub name or folder), instead of ``image_model``; its feature extractor preprocesses the clips.
         pretrained: Load pretrained weights (every tower); ``False`` builds them from their configs with random weights.
         image_pretrained: Whether the timm image tower starts from pretrained weights; ``None`` follows ``pretrained``
             (e.g. a pretrained text tower with an image tower from random weights: ``image_pretrained: false``).
@@ -167,6 +181,7 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         model_name: str | None = None,
         text_model: str | None = None,
         image_model: str | None = None,
+        audio_model: str | None = None,
         pretrained: bool = True,
         image_pretrained: bool | None = None,
         image_pretrained_file: str | None = None,
@@ -190,25 +205,34 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         unknown = sorted(set(objectives) - set(OBJECTIVES))
         if unknown:
             raise PtftError(f"DualEncoder: unknown objective(s) {unknown}; choose among {list(OBJECTIVES)}")
-        if model_name is not None and set(objectives) - {"contrastive"}:
-            raise PtftError("DualEncoder: objectives itm / mlm need an assembled dual encoder (text_model + "
-                            "image_model), not model_name")
+        if (model_name is not None or audio_model is not None) and set(objectives) - {"contrastive"}:
+            raise PtftError("DualEncoder: objectives itm / mlm need an assembled image-text dual encoder (text_model + "
+                            "image_model)")
+        if image_model is not None and audio_model is not None:
+            raise PtftError("DualEncoder: give image_model (image-text) or audio_model (audio-text), not both")
+        other_model = image_model or audio_model
         if not 0 < mlm_probability < 1:
             raise PtftError(f"DualEncoder: mlm_probability must be between 0 and 1, got {mlm_probability}")
-        if (model_name is None) == (text_model is None and image_model is None):
+        if (model_name is None) == (text_model is None and other_model is None):
             raise PtftError("DualEncoder: give model_name (a CLIP / SigLIP-family model) or text_model and image_model "
-                            "(two towers to assemble), not both")
-        if model_name is None and (text_model is None or image_model is None):
-            raise PtftError("DualEncoder: an assembled dual encoder needs both text_model and image_model")
+                            "/ audio_model (two towers to assemble), not both")
+        if model_name is None and (text_model is None or other_model is None):
+            raise PtftError("DualEncoder: an assembled dual encoder needs text_model and image_model (or audio_model)")
         if temperature <= 0:
             raise PtftError(f"DualEncoder: temperature must be > 0, got {temperature}")
         if "{}" not in prompt:
             raise PtftError(f"DualEncoder: prompt must contain {{}} where the class name goes, got {prompt!r}")
         self.class_names = list(class_names) if class_names else None
+        #: What the text is paired with: ``image`` (images or video clips) or ``audio`` (before the base builds the
+        #: metrics, which are named after it).
+        self.media: Literal["image", "audio"] = "audio" if audio_model is not None else "image"
         super().__init__(**kwargs)
-        self.model_name = model_name or f"{text_model} + {image_model}"  # as ptft inspect-layers names it
+        self.model_name = model_name or f"{text_model} + {other_model}"  # as ptft inspect-layers names it
         self.text_model_name = text_model
         self.image_model_name = image_model
+        #: Audio-text: the data module runs this feature extractor at its sampling rate.
+        self.feature_extractor_name = audio_model
+        self.sampling_rate: int | None = None
         self.prompt = prompt
         self.tokenizer_name = tokenizer or model_name or text_model
         self.max_length = max_length
@@ -221,14 +245,21 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         else:
             self.loss_kind = "contrastive" if loss == "auto" else loss
             text = text_tower(text_model, pretrained)
-            from ptft.vision.modules import create_timm_model
-            import timm.data
+            if audio_model is not None:
+                from transformers import AutoModel
 
-            image_pretrained = pretrained if image_pretrained is None else image_pretrained
-            vision = create_timm_model(image_model, image_pretrained, image_pretrained_file, num_classes=0, **(image_kwargs or {}))
-            self._image_data_config = timm.data.resolve_data_config(model=vision)
+                other = build_hf_model(AutoModel, audio_model, pretrained, None)
+                self._image_data_config = {}
+            else:
+                from ptft.vision.modules import create_timm_model
+                import timm.data
+
+                image_pretrained = pretrained if image_pretrained is None else image_pretrained
+                other = create_timm_model(image_model, image_pretrained, image_pretrained_file, num_classes=0,
+                                          **(image_kwargs or {}))
+                self._image_data_config = timm.data.resolve_data_config(model=other)
             sigmoid = self.loss_kind == "sigmoid"
-            net = AssembledDualEncoder(text, vision, projection_dim, text_pooling,
+            net = AssembledDualEncoder(text, other, self.media, projection_dim, text_pooling,
                                        logit_scale=math.log(10.0) if sigmoid else math.log(1 / temperature),
                                        logit_bias=-10.0 if sigmoid else None)
         if "itm" in objectives:
@@ -290,7 +321,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             projection = [f"model.{n}" for n in ("text_projection", "visual_projection") if hasattr(m, n)]
             scale = [f"model.{n}" for n in ("logit_scale", "logit_bias") if hasattr(m, n)]
             return {"text": text, "vision": vision, "projection": projection, "scale": scale}
-        towers = {"text": ["text"], "vision": ["vision"], "projection": ["text_projection", "vision_projection"],
+        other = "vision" if self.media == "image" else "audio"
+        towers = {"text": ["text"], other: [other], "projection": ["text_projection", f"{other}_projection"],
                   "scale": ["logit_scale", "logit_bias"]}
         heads = [name for name in ("itm_head", "mlm_head") if hasattr(self.model, name)]
         if heads:  # the objectives' own heads (the MLM decoder is the text tower's tied word embeddings)
@@ -300,8 +332,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
     def head_modules(self, model: nn.Module) -> list[str]:
         if isinstance(model, PretrainedDualEncoder):
             return ["objectives"]  # every other part of a pretrained dual encoder was trained together
-        return ["text_projection", "vision_projection", "logit_scale", "logit_bias", "itm_head", "mlm_head",
-                "objectives"]
+        return ["text_projection", "vision_projection", "audio_projection", "logit_scale", "logit_bias", "itm_head",
+                "mlm_head", "objectives"]
 
     def discover_layers(self, model: nn.Module) -> dict[str, int]:
         """Each tower's own depth (transformers blocks; timm's ``group_matcher``), stretched so both towers' tops meet;
@@ -311,7 +343,9 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             towers = {p: getattr(inner, p) for p in ("text_model", "vision_model") if hasattr(inner, p)}
             per_tower = {f"model.{p}": hf_layer_ids(m, lambda _: False) for p, m in towers.items()}
         else:
-            per_tower = {"text": hf_layer_ids(model.text, lambda _: False), "vision": timm_layer_ids(model.vision)}
+            other = ({"vision": timm_layer_ids(model.vision)} if model.media == "image"
+                     else {"audio": hf_layer_ids(model.audio, lambda _: False)})
+            per_tower = {"text": hf_layer_ids(model.text, lambda _: False), **other}
         return stretched_layer_ids(model, per_tower)
 
     # --- forward and loss -----------------------------------------------------------------------------------
@@ -323,6 +357,12 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             embeddings = self.model.encode_image(pixel_values.flatten(0, 1)).float()
             return F.normalize(embeddings.view(batch, frames, -1).mean(1), dim=-1)
         return F.normalize(self.model.encode_image(pixel_values).float(), dim=-1)
+
+    def encode_media(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unit-length embeddings ``(B, D)`` of a batch's images, clips or audio (``input_values``)."""
+        if "input_values" in batch:
+            return F.normalize(self.model.encode_audio(batch["input_values"], batch.get("audio_mask")).float(), dim=-1)
+        return self.encode_images(batch["pixel_values"])
 
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Unit-length text embeddings ``(B, D)``."""
@@ -348,7 +388,7 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         Each distinct caption (``groups``) is encoded once and shared by its pairs: with class-template captions a
         batch of 128 pairs runs the text tower on 10 captions, not 128 (dropout then draws one mask per caption).
         """
-        images = self.encode_images(batch["pixel_values"])
+        images = self.encode_media(batch)
         ids, mask, inverse = self.distinct_captions(batch)
         texts = self.encode_texts(ids, mask)
         return images, texts if inverse is None else texts[inverse]
@@ -440,7 +480,7 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
 
     # --- metrics ----------------------------------------------------------------------------------------------
     def build_metrics(self) -> MetricCollection | None:
-        metrics: dict[str, Any] = {"retrieval": CrossModalRetrieval(("image", "text"), (1, 5, 10))}
+        metrics: dict[str, Any] = {"retrieval": CrossModalRetrieval((self.media, "text"), (1, 5, 10))}
         if self.class_names:
             metrics["zero_shot_acc"] = MulticlassAccuracy(num_classes=len(self.class_names), average="micro")
         return MetricCollection(metrics)
@@ -496,7 +536,7 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Zero-shot class probabilities of each image among ``class_names`` (softmax of the scaled similarities)."""
         scale = self.model.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        probs = (scale * self.encode_images(batch["pixel_values"]) @ self.prompt_embeddings().T).softmax(-1)
+        probs = (scale * self.encode_media(batch) @ self.prompt_embeddings().T).softmax(-1)
         ids = probs.argmax(-1)
         return {"label_ids": ids, "labels": [self.class_names[i] for i in ids.tolist()], "probs": probs}
 

@@ -23,7 +23,7 @@ from ptft.core.hf import build_hf_model
 from ptft.core.hub import load_pretrained, resolve_model_name
 from ptft.core.layers import hf_layer_ids, timm_layer_ids
 from ptft.text.heads import masked_mean
-from ptft.multimodal.towers import TowerLearningRates, stretched_layer_ids, text_tower
+from ptft.multimodal.towers import TowerLearningRates, audio_frames, stretched_layer_ids, text_tower
 
 FusionKind = Literal["concat", "gated", "cross_attention"]
 
@@ -100,11 +100,7 @@ class FusionNetwork(nn.Module):
 
     def encode_audio(self, input_values: torch.Tensor, audio_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame states ``(B, T, C)`` and the frame mask (padding excluded, after the feature encoder's striding)."""
-        kwargs = {} if audio_mask is None else {"attention_mask": audio_mask}
-        states = self.audio(input_values, **kwargs).last_hidden_state
-        if audio_mask is not None and hasattr(self.audio, "_get_feature_vector_attention_mask"):
-            return states, self.audio._get_feature_vector_attention_mask(states.shape[1], audio_mask).long()
-        return states, torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        return audio_frames(self.audio, input_values, audio_mask)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from ptft.audio.augment import WaveAugment
 from ptft.audio.data import AudioReading
@@ -20,6 +19,7 @@ from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
 from ptft.core.files import FileSource, _read_csv
 from ptft.core.labels import discover_label_names, encode_labels
+from ptft.multimodal.data import PairCollator
 from ptft.vision.data import ImageDataset, augment_options, drop_unreadable_images, image_transform
 
 #: One row: its text, its image or audio file, its label (``None`` to predict).
@@ -42,28 +42,6 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {**self.media[index], "input_ids": self.tokens[index]}
-
-
-class PairedCollator:
-    """Pads the token ids (``input_ids``, ``attention_mask``) and collates the media part with ``media_collate``
-    (images stacked; audio padded or run through the feature extractor, its mask renamed ``audio_mask``)."""
-
-    def __init__(self, pad_id: int, media_collate: Any) -> None:
-        self.pad_id = pad_id
-        self.media_collate = media_collate
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = dict(self.media_collate([{k: v for k, v in it.items() if k != "input_ids"} for it in items]))
-        if "attention_mask" in batch:
-            batch["audio_mask"] = batch.pop("attention_mask")
-        longest = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, it in enumerate(items):
-            ids[row, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
-            mask[row, : len(it["input_ids"])] = 1
-        batch["input_ids"], batch["attention_mask"] = ids, mask
-        return batch
 
 
 class MultimodalClassificationDataModule(AudioReading, ClassificationDataModule):
@@ -215,7 +193,7 @@ class MultimodalClassificationDataModule(AudioReading, ClassificationDataModule)
         tokens = self.tokenizer([text for text, _, _ in rows], truncation=True, max_length=self.max_length)["input_ids"]
         return PairedDataset(media, tokens)
 
-    def collate_fn(self) -> PairedCollator:
+    def collate_fn(self) -> PairCollator:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
-        media = default_collate if self.media == "image" else AudioReading.collate_fn(self)
-        return PairedCollator(0 if pad is None else pad, media)
+        media = None if self.media == "image" else AudioReading.collate_fn(self)
+        return PairCollator(0 if pad is None else pad, media_collate=media)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ptft.core.freezing import tower_parameters
@@ -71,3 +72,14 @@ def text_tower(name: str, pretrained: bool) -> nn.Module:
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BertModel, RobertaModel… skip a pooler that is None
     return model
+
+
+def audio_frames(encoder: nn.Module, input_values: torch.Tensor, audio_mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Hugging Face audio encoder's frame states ``(B, T, H)`` and their mask: padding excluded after the feature
+    encoder's striding (its own ``_get_feature_vector_attention_mask``), every frame when the batch has no mask."""
+    kwargs = {} if audio_mask is None else {"attention_mask": audio_mask}
+    states = encoder(input_values, **kwargs).last_hidden_state
+    if audio_mask is not None and hasattr(encoder, "_get_feature_vector_attention_mask"):
+        return states, encoder._get_feature_vector_attention_mask(states.shape[1], audio_mask).long()
+    return states, torch.ones(states.shape[:2], dtype=torch.long, device=states.device)

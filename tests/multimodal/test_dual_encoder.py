@@ -82,7 +82,7 @@ def test_one_line_errors(tiny_bert, tiny_clip, image_dirs, tmp_path):
         DualEncoder(model_name=tiny_clip, text_model=tiny_bert, image_model="test_resnet")
     with pytest.raises(PtftError, match="not both"):
         DualEncoder()
-    with pytest.raises(PtftError, match="needs both text_model and image_model"):
+    with pytest.raises(PtftError, match=r"needs text_model and image_model \(or audio_model\)"):
         DualEncoder(text_model=tiny_bert)
     with pytest.raises(PtftError, match="not an image-text dual encoder"):
         DualEncoder(model_name=tiny_bert)

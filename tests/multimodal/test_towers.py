@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-import torch
 from helpers import changed, trainer, weights
 
 from ptft.core import FreezeSchedule, PtftError
