@@ -16,7 +16,7 @@ from ptft.audio.data import AudioReading
 from ptft.audio.io import AUDIO_SUFFIXES
 from ptft.core.errors import PtftError
 from ptft.core.files import FileSource, list_files, list_labelled_files
-from ptft.multimodal.data import ImageTextDataModule, PairCollator, Row, _csv_pairs
+from ptft.multimodal.data import ImageTextDataModule, Row, _csv_pairs
 
 
 class AudioTextDataModule(AudioReading, ImageTextDataModule):
@@ -87,7 +87,7 @@ class AudioTextDataModule(AudioReading, ImageTextDataModule):
         if getattr(model, "media", None) != "audio" or not hasattr(model, "tokenizer"):
             raise PtftError(f"AudioTextDataModule feeds an audio-text dual encoder (ptft.multimodal.DualEncoder with "
                             f"audio_model), not {type(model).__name__}")
-        self.tokenizer = model.tokenizer()
+        self.connect_text(model)
         AudioReading.connect(self, model)  # the audio tower's sampling rate and feature extractor
 
     def load_split(self, split: str) -> list[Row] | None:
@@ -108,5 +108,4 @@ class AudioTextDataModule(AudioReading, ImageTextDataModule):
         return self.clips(split, items, labels)
 
     def collate_fn(self) -> Any:
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
-        return PairCollator(0 if pad is None else pad, media_collate=AudioReading.collate_fn(self))
+        return ImageTextDataModule.collate_fn(self, media_collate=AudioReading.collate_fn(self))

@@ -200,6 +200,10 @@ class ImageTextDataModule(FineTuneDataModule):
             raise PtftError(f"{type(self).__name__} feeds images (or clips) to an image-text dual encoder; for an "
                             "audio_model use ptft.multimodal.AudioTextDataModule")
         self.model_data_config = model.data_config()
+        self.connect_text(model)
+
+    def connect_text(self, model: L.LightningModule) -> None:
+        """The model's tokenizer, and its masking rate when it trains with the ``mlm`` objective."""
         self.tokenizer = model.tokenizer()
         self.mlm_probability = getattr(model, "mlm_probability", None)
         if self.mlm_probability is not None and self.tokenizer.mask_token_id is None:
@@ -236,11 +240,12 @@ class ImageTextDataModule(FineTuneDataModule):
         transform = image_transform(self.model_data_config, self.image_size, None, self.augment, split == "train")
         return ImageDataset(items, labels, transform)
 
-    def collate_fn(self) -> PairCollator:
+    def collate_fn(self, media_collate: Any = None) -> PairCollator:
+        """Images stacked (or ``media_collate``), captions padded, and masked for the ``mlm`` objective."""
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         masker = None
         if self.mlm_probability is not None:
             from transformers import DataCollatorForLanguageModeling
 
             masker = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
-        return PairCollator(0 if pad is None else pad, masker)
+        return PairCollator(0 if pad is None else pad, masker, media_collate)

@@ -93,6 +93,26 @@ class AssembledDualEncoder(nn.Module):
         """The mean of the audio tower's frame states (padding excluded), projected."""
         return self.audio_projection(masked_mean(*audio_frames(self.audio, input_values, audio_mask)))
 
+    def media_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(regions (B, N, C), their mask (B, N), projected embeddings (B, D))`` of a batch's images (a CNN's map
+        cells or a ViT's tokens), clips (each frame's pooled features; the embedding is the frames' mean, as
+        :meth:`DualEncoder.encode_images`) or audio (the encoder's frames, padding masked)."""
+        if self.media == "audio":
+            states, mask = audio_frames(self.audio, batch["input_values"], batch.get("audio_mask"))
+            return states, mask, self.audio_projection(masked_mean(states, mask))
+        pixels = batch["pixel_values"]
+        if pixels.ndim == 5:
+            size, frames = pixels.shape[:2]
+            pooled = self.vision.forward_head(self.image_states(pixels.flatten(0, 1)), pre_logits=True)
+            regions = pooled.view(size, frames, -1)
+            embeddings = self.vision_projection(regions).mean(1)
+        else:
+            regions = self.image_states(pixels)
+            embeddings = self.project_image(regions)
+            if regions.ndim == 4:  # (B, C, H, W) -> (B, H*W, C)
+                regions = regions.flatten(2).transpose(1, 2)
+        return regions, torch.ones(regions.shape[:2], dtype=torch.long, device=regions.device), embeddings
+
 
 class PretrainedDualEncoder(nn.Module):
     """A transformers dual encoder (CLIP, SigLIP, ALIGN…: ``get_text_features`` / ``get_image_features``), its own
@@ -163,7 +183,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         objectives: Pre-training objectives and their weights: ``contrastive`` (CLIP / SigLIP), ``itm`` (image-text
             matching on hard negatives, through a cross-attention head) and ``mlm`` (masked language modelling on the
             text tower), e.g. ``{contrastive: 1.0, itm: 1.0, mlm: 1.0}``; each is logged as ``<stage>/loss_<name>``.
-            ``itm`` and ``mlm`` need an assembled dual encoder (``text_model`` + ``image_model``).
+            ``itm`` and ``mlm`` need an assembled dual encoder (``text_model`` + ``image_model`` or ``audio_model``);
+            with clips, each frame is a region of the matching head.
         objective_weighting: ``static`` (the weights as given) or ``learned`` (uncertainty weighting, Kendall et al.
             2018: each loss's weight learned with the model; :class:`ptft.core.WeightedObjectives`).
         mlm_probability: Share of caption tokens masked for ``mlm`` (BERT: 0.15).
@@ -205,9 +226,9 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         unknown = sorted(set(objectives) - set(OBJECTIVES))
         if unknown:
             raise PtftError(f"DualEncoder: unknown objective(s) {unknown}; choose among {list(OBJECTIVES)}")
-        if (model_name is not None or audio_model is not None) and set(objectives) - {"contrastive"}:
-            raise PtftError("DualEncoder: objectives itm / mlm need an assembled image-text dual encoder (text_model + "
-                            "image_model)")
+        if model_name is not None and set(objectives) - {"contrastive"}:
+            raise PtftError("DualEncoder: objectives itm / mlm need an assembled dual encoder (text_model + "
+                            "image_model or audio_model), not model_name")
         if image_model is not None and audio_model is not None:
             raise PtftError("DualEncoder: give image_model (image-text) or audio_model (audio-text), not both")
         other_model = image_model or audio_model
@@ -265,8 +286,9 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         if "itm" in objectives:
             width = net.text.config.hidden_size
             heads = next(h for h in (8, 4, 2, 1) if width % h == 0)
-            net.itm_head = FusionHead("cross_attention", width, net.vision_projection.in_features, width, 2, 0.1,
-                                      heads, 1)
+            regions = (net.vision_projection.in_features if self.media == "image"
+                       else net.audio_projection.in_features)
+            net.itm_head = FusionHead("cross_attention", width, regions, width, 2, 0.1, heads, 1)
         if "mlm" in objectives:
             net.mlm_head = MaskedLMHead(net.text.config.hidden_size, net.text.get_input_embeddings(),
                                         getattr(net.text.config, "layer_norm_eps", 1e-12))
@@ -415,11 +437,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             loss = objectives({"contrastive": self.contrastive(images, texts, batch.get("groups"))})
             return loss, (images.detach(), texts.detach())
         net = self.model
-        if batch["pixel_values"].ndim == 5:
-            raise PtftError("the itm / mlm objectives take images, not video clips: train clips with objectives: "
-                            "{contrastive: 1.0}")
-        image_states = net.image_states(batch["pixel_values"])
-        images = F.normalize(net.project_image(image_states).float(), dim=-1)
+        regions, region_mask, embeddings = net.media_states(batch)
+        images = F.normalize(embeddings.float(), dim=-1)
         ids, mask, inverse = self.distinct_captions(batch)
         text_states = net.text_states(ids, mask)
         texts = F.normalize(net.project_text(text_states, mask).float(), dim=-1)
@@ -430,7 +449,8 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
         if "contrastive" in objectives.weights:
             losses["contrastive"] = self.contrastive(images, texts, batch.get("groups"))
         if "itm" in objectives.weights:
-            losses["itm"], accuracy = self.image_text_matching(image_states, text_states, mask, images, texts, batch)
+            losses["itm"], accuracy = self.image_text_matching(regions, region_mask, text_states, mask, images, texts,
+                                                               batch)
             self.log(f"{stage}/itm_acc", accuracy, batch_size=size, sync_dist=stage != "train")
         if "mlm" in objectives.weights:
             losses["mlm"], accuracy = self.masked_language_modelling(batch)
@@ -441,35 +461,33 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             self.log_dict({f"train/weight_{n}": w for n, w in objectives.effective_weights().items()}, batch_size=size)
         return objectives(losses), (images.detach(), texts.detach())
 
-    def image_text_matching(self, image_states: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
-                            images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any]
+    def image_text_matching(self, regions: torch.Tensor, region_mask: torch.Tensor, text_states: torch.Tensor,
+                            text_mask: torch.Tensor, images: torch.Tensor, texts: torch.Tensor, batch: dict[str, Any]
                             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM loss and accuracy: each true pair (label 1), each image with a hard-negative caption and each caption
-        with a hard-negative image (label 0), through the cross-attention head. Evaluation draws its negatives from a
-        generator seeded by the batch's first index, so validation losses compare across epochs."""
+        """ITM loss and accuracy: each true pair (label 1), each image (clip, sound) with a hard-negative caption and
+        each caption with a hard-negative image (label 0), through the cross-attention head over the media's regions.
+        Evaluation draws its negatives from a generator seeded by the batch's first index, so validation losses
+        compare across epochs."""
         generator = None
         if not self.training and "indices" in batch:
             generator = torch.Generator(images.device).manual_seed(int(batch["indices"][0]))
         with torch.no_grad():
             (image_rows, caption_picks), (caption_rows, image_picks) = hard_negatives(
                 images @ texts.T, batch.get("groups"), generator)
-        if image_states.ndim == 4:  # a CNN's map -> regions
-            image_states = image_states.flatten(2).transpose(1, 2)
         all_rows = torch.arange(len(images), device=images.device)
-        image_index = torch.cat([all_rows, image_rows, image_picks])
+        media_index = torch.cat([all_rows, image_rows, image_picks])
         text_index = torch.cat([all_rows, caption_picks, caption_rows])
         labels = torch.cat([torch.ones_like(all_rows), torch.zeros_like(image_rows), torch.zeros_like(caption_rows)])
-        regions = image_states[image_index]
-        logits = self.model.itm_head(text_states[text_index], text_mask[text_index], regions,
-                                     torch.ones(regions.shape[:2], dtype=torch.long, device=regions.device))
+        logits = self.model.itm_head(text_states[text_index], text_mask[text_index], regions[media_index],
+                                     region_mask[media_index])
         return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
 
     def masked_language_modelling(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy and accuracy of the masked caption tokens (``mlm_input_ids`` / ``mlm_labels``, masked by
         the data)."""
         if "mlm_labels" not in batch:
-            raise PtftError("the mlm objective needs masked captions: use ptft.multimodal.ImageTextDataModule (it masks "
-                            "them when the model asks)")
+            raise PtftError("the mlm objective needs masked captions: use a ptft.multimodal data module (ImageText-, "
+                            "VideoText- or AudioTextDataModule: they mask them when the model asks)")
         states = self.model.text_states(batch["mlm_input_ids"], batch["attention_mask"])
         labels = batch["mlm_labels"]
         chosen = labels != -100

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from audio_signals import write_audio_tree
 from helpers import trainer
 
@@ -66,5 +67,19 @@ def test_wrong_model_for_the_data_is_one_line(tiny_bert, tiny_wav2vec2, sounds, 
     model = audio_text(tiny_bert, tiny_wav2vec2, audio)
     with pytest.raises(PtftError, match="for an audio_model use ptft.multimodal.AudioTextDataModule"):
         ImageTextDataModule(train=image_dirs["train"]).connect(model)
-    with pytest.raises(PtftError, match="itm / mlm need an assembled image-text dual encoder"):
-        DualEncoder(text_model=tiny_bert, audio_model=tiny_wav2vec2, pretrained=False, objectives={"mlm": 1.0})
+
+
+def test_matching_and_masked_lm_with_audio(tiny_bert, tiny_wav2vec2, sounds, tmp_path):
+    """The objectives take audio too: the matching head attends to the audio frames (padding masked)."""
+    data = AudioTextDataModule(train=sounds["train"], val=sounds["val"], batch_size=12, num_workers=0,
+                               clip_seconds=0.5)
+    L.seed_everything(0)
+    model = DualEncoder(text_model=tiny_bert, audio_model=tiny_wav2vec2, pretrained=False, projection_dim=16,
+                        class_names=data.class_names, objectives={"contrastive": 1.0, "itm": 1.0, "mlm": 1.0},
+                        optimizer={"lr": 2e-3})
+    data.connect(model)
+    fit = trainer(tmp_path, max_epochs=1)
+    fit.fit(model, data)
+    logged = fit.callback_metrics
+    assert all(torch.isfinite(logged[f"val/loss_{n}"]) for n in ("contrastive", "itm", "mlm"))
+    assert "val/itm_acc" in logged and "val/mlm_acc" in logged
