@@ -132,3 +132,23 @@ def write_section(markdown: str, title: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + header + markdown
     path.write_text(text.rstrip() + "\n")
+
+
+def fit_and_test(args: list[str]) -> dict:
+    """``ptft fit`` with ``args`` in this process (a TrainTimer attached), then ``test`` on the data's test split:
+    the validation metrics at the end of training, the test metrics, training / fit seconds, precision and the
+    number of training examples."""
+    from ptft.cli import run_cli
+
+    sys.argv = ["ptft"]
+    cli = run_cli(args, run=False)
+    assert isinstance(cli.trainer, L.Trainer)
+    timer = TrainTimer()
+    cli.trainer.callbacks.append(timer)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    test = {k: float(v) for k, v in cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0].items()}
+    return {"val": val, "test": test, "train_seconds": timer.seconds, "fit_seconds": fit_seconds,
+            "precision": str(cli.trainer.precision), "train_examples": len(cli.datamodule.datasets["train"])}

@@ -19,12 +19,11 @@ import argparse
 import json
 import random
 import sys
-import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, WORK, TrainTimer, model_dir, run_in_subprocess, write_section  # noqa: E402
+from _common import REPO, WORK, fit_and_test, model_dir, run_in_subprocess, write_section  # noqa: E402
 
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trainer.enable_model_summary=false",
@@ -63,30 +62,16 @@ def extract(per_class: int, test_per_class: int) -> dict[str, Path]:
 
 
 def run_arm(arm: str, args: argparse.Namespace) -> dict:
-    import lightning as L
-
-    from ptft.cli import run_cli
-
     folders = extract(args.per_class, args.test_per_class)
-    sys.argv = ["ptft"]
-    cli = run_cli(["--config", str(REPO / "recipes/multimodal/clip-zero-shot.yaml"), f"--model.init_args.text_model={model_dir()}",
-                   f"--model.init_args.image_model={args.image_model}", "--model.init_args.pretrained=true",
-                   "--model.init_args.image_pretrained=false",
-                   f"--data.init_args.train={folders['train']}", f"--data.init_args.test={folders['test']}",
-                   "--data.init_args.image_size=32", f"--data.init_args.num_workers={args.workers}",
-                   f"--data.init_args.batch_size={args.batch_size}", f"--trainer.max_epochs={args.epochs}",
-                   f"--seed_everything={args.seed}", f"--trainer.default_root_dir={WORK / 'cifar-clip-runs'}",
-                   *QUIET, *ARMS[arm][1]], run=False)
-    assert isinstance(cli.trainer, L.Trainer)
-    timer = TrainTimer()
-    cli.trainer.callbacks.append(timer)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, cli.datamodule)
-    fit_seconds = time.perf_counter() - start
-    val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    test = {k: float(v) for k, v in cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0].items()}
-    return {"arm": arm, "val": val, "test": test, "train_seconds": timer.seconds, "fit_seconds": fit_seconds,
-            "precision": str(cli.trainer.precision), "train_pairs": len(cli.datamodule.datasets["train"])}
+    result = fit_and_test(["--config", str(REPO / "recipes/multimodal/clip-zero-shot.yaml"), f"--model.init_args.text_model={model_dir()}",
+                          f"--model.init_args.image_model={args.image_model}", "--model.init_args.pretrained=true",
+                          "--model.init_args.image_pretrained=false",
+                          f"--data.init_args.train={folders['train']}", f"--data.init_args.test={folders['test']}",
+                          "--data.init_args.image_size=32", f"--data.init_args.num_workers={args.workers}",
+                          f"--data.init_args.batch_size={args.batch_size}", f"--trainer.max_epochs={args.epochs}",
+                          f"--seed_everything={args.seed}", f"--trainer.default_root_dir={WORK / 'cifar-clip-runs'}",
+                          *QUIET, *ARMS[arm][1]])
+    return {"arm": arm, **result, "train_pairs": result["train_examples"]}
 
 
 def main() -> None:
