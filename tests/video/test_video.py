@@ -46,16 +46,20 @@ def frame_model(clip_dirs, temporal: str, **kwargs):
 
 
 def test_a_temporal_head_learns_direction_that_pooling_cannot_see(clip_dirs, tmp_path):
-    """Left and right clips hold the same frames in opposite order: mean pooling is blind to it (at most the axis:
-    0.5), a temporal head learns the direction. Half the clips are mp4 files, half frame folders."""
+    """Left and right clips hold the same frames in opposite order: mean pooling gives a clip and its reversal the
+    same logits (so it can at best learn the axis: 0.5), a temporal head learns the direction. Half the clips are mp4
+    files, half frame folders."""
     model, d = frame_model(clip_dirs, "gru")
     assert d.label_names == ["down", "left", "right", "up"] and d.num_frames == 4
+    clips = torch.randn(2, 4, 3, 32, 32)
+    pooled, _ = frame_model(clip_dirs, "mean")
+    for m, blind in ((pooled, True), (model, False)):
+        m.eval()
+        same = torch.allclose(m({"pixel_values": clips}), m({"pixel_values": clips.flip(1)}), atol=1e-5)
+        assert same == blind
+    model.train()
     trainer(tmp_path, max_epochs=12).fit(model, d)
-    acc = trainer(tmp_path).validate(model, d, verbose=False)[0]["val/acc"]
-    pooled, d = frame_model(clip_dirs, "mean")
-    trainer(tmp_path, max_epochs=12).fit(pooled, d)
-    blind = trainer(tmp_path).validate(pooled, d, verbose=False)[0]["val/acc"]
-    assert acc >= 0.9 and blind <= 0.65, (acc, blind)  # chance 0.25
+    assert trainer(tmp_path).validate(model, d, verbose=False)[0]["val/acc"] >= 0.9  # chance 0.25
 
 
 def tiny_videomae(folder: Path) -> str:
