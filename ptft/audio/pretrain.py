@@ -165,10 +165,10 @@ class Wav2Vec2Pretrainer(HFModule, FineTuneModule):
         size = batch["input_values"].shape[0]
         # Training: this rank's value per step (as train/loss); evaluation: epoch means over every rank.
         train = stage == "train"
-        scope = {"on_step": train, "on_epoch": not train, "sync_dist": not train}
-        self.log(f"{stage}/contrastive_loss", out.contrastive_loss / count, batch_size=size, **scope)
-        self.log(f"{stage}/diversity_loss", out.diversity_loss / count, batch_size=size, **scope)
-        self.log(f"{stage}/codevector_perplexity", out.codevector_perplexity, batch_size=size, **scope)
+        self.log_dict({f"{stage}/contrastive_loss": out.contrastive_loss / count,
+                       f"{stage}/diversity_loss": out.diversity_loss / count,
+                       f"{stage}/codevector_perplexity": out.codevector_perplexity},
+                      on_step=train, on_epoch=not train, sync_dist=not train, batch_size=size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         start, end, decay = self.gumbel

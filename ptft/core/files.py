@@ -198,19 +198,10 @@ class LabelledFileSplits:
 
     def discover_labels(self) -> list[str]:
         """Sorted training labels (or the given ``labels``); validation and test labels must be among them."""
-        from ptft.core.labels import discover_label_names, encode_labels
+        from ptft.core.labels import split_label_names
 
-        train = self.samples["train"]
-        given = getattr(self, "given_labels", None)
-        if train is None:
-            if given is None:
-                raise PtftError(f"without training {self.file_kind}, give the label names: data.init_args.labels=[...]")
-            return list(given)
-        names = discover_label_names(train[1], given, "train")
-        for split in ("val", "test"):
-            if self.samples[split] is not None:
-                encode_labels(self.samples[split][1], names, split)
-        return names
+        labels = {split: None if samples is None else samples[1] for split, samples in self.samples.items()}
+        return split_label_names(labels, getattr(self, "given_labels", None), self.file_kind)
 
     def load_split(self, split: str) -> list[tuple[FileSource, str | None]] | None:
         """``(file, label)`` pairs; files to predict need no label (``None``) and may lie at any depth."""

@@ -69,3 +69,18 @@ def encode_labels(values: Sequence[Any], names: Sequence[str], source: str) -> l
             f"(known: {list(names)[:10]}{' …' if len(names) > 10 else ''})"
         )
     return ids
+
+
+def split_label_names(labels: dict[str, Sequence[Any] | None], given: Sequence[str] | None, what: str) -> list[str]:
+    """Label names in id order from each split's labels (``train``, ``val``, ``test``; ``None`` for a split not
+    given): :func:`discover_label_names` of the training labels, or ``given`` when there is no training data;
+    validation and test labels must be among them (one-line error otherwise). ``what`` names the rows (``clips``)."""
+    if labels.get("train") is None:
+        if given is None:
+            raise PtftError(f"without training {what}, give the label names: data.init_args.labels=[...]")
+        return list(given)
+    names = discover_label_names(labels["train"], given, "train")
+    for split in ("val", "test"):
+        if labels.get(split) is not None:
+            encode_labels(labels[split], names, split)
+    return names

@@ -18,7 +18,7 @@ from ptft.audio.data import AudioReading
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
 from ptft.core.files import FileSource, _read_csv
-from ptft.core.labels import discover_label_names, encode_labels
+from ptft.core.labels import encode_labels, split_label_names
 from ptft.multimodal.data import PairCollator
 from ptft.vision.data import ImageDataset, augment_options, drop_unreadable_images, image_transform
 
@@ -124,15 +124,8 @@ class MultimodalClassificationDataModule(AudioReading, ClassificationDataModule)
     # --- labels and the model ---------------------------------------------------------------------------------
     def discover_labels(self) -> list[str]:
         """Sorted training labels (or the given ``labels``); validation and test labels must be among them."""
-        if self.tables["train"] is None:
-            if self.given_labels is None:
-                raise PtftError("without training rows, give the label names: data.init_args.labels=[...]")
-            return list(self.given_labels)
-        names = discover_label_names(self._labels("train"), self.given_labels, "train")
-        for split in ("val", "test"):
-            if self.tables[split] is not None:
-                encode_labels(self._labels(split), names, split)
-        return names
+        labels = {split: None if self.tables[split] is None else self._labels(split) for split in ("train", "val", "test")}
+        return split_label_names(labels, self.given_labels, "rows")
 
     def _labels(self, split: str) -> list[str]:
         path, rows = self.tables[split]

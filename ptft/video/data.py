@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from ptft.core.data import ClassificationDataModule
 from ptft.core.errors import PtftError
 from ptft.core.files import FileSource, _read_csv, describe, drop_unreadable
-from ptft.core.labels import discover_label_names, encode_labels
+from ptft.core.labels import encode_labels, split_label_names
 from ptft.video.io import VIDEO_SUFFIXES, Sampling, is_frame_folder, read_frames, sample_indices, video_info
 
 #: One clip: its file or frame folder, its label (``None`` to predict) and, once checked, its frame count.
@@ -198,16 +198,9 @@ class VideoClassificationDataModule(ClassificationDataModule):
         return self.given_frames or self.model_frames or 8
 
     def discover_labels(self) -> list[str]:
-        train = self.clips["train"]
-        if train is None:
-            if self.given_labels is None:
-                raise PtftError("without training clips, give the label names: data.init_args.labels=[...]")
-            return list(self.given_labels)
-        names = discover_label_names([label for _, label in train], self.given_labels, "train")
-        for split in ("val", "test"):
-            if self.clips[split] is not None:
-                encode_labels([label for _, label in self.clips[split]], names, split)
-        return names
+        """Sorted training labels (or the given ``labels``); validation and test labels must be among them."""
+        labels = {split: None if clips is None else [label for _, label in clips] for split, clips in self.clips.items()}
+        return split_label_names(labels, self.given_labels, "clips")
 
     def connect(self, model: L.LightningModule) -> None:
         if not hasattr(model, "data_config"):

@@ -1,7 +1,7 @@
 import pytest
 
 from ptft.core.errors import PtftError
-from ptft.core.labels import discover_label_names, encode_labels
+from ptft.core.labels import discover_label_names, encode_labels, split_label_names
 
 
 def test_string_labels_are_sorted_names():
@@ -34,3 +34,12 @@ def test_encode_and_unseen_labels():
         encode_labels(["a", "z"], ["a", "b"], "val.csv")
     with pytest.raises(PtftError, match=r"never seen in training: \['5'\]"):
         encode_labels([5], ["a", "b"], "val")
+
+
+def test_split_label_names_discovers_from_training_and_checks_the_other_splits():
+    assert split_label_names({"train": ["b", "a", "b"], "val": ["a"], "test": None}, None, "clips") == ["a", "b"]
+    assert split_label_names({"train": None, "val": ["x"]}, ["x", "y"], "clips") == ["x", "y"]
+    with pytest.raises(PtftError, match=r"without training clips, give the label names: data.init_args.labels"):
+        split_label_names({"train": None, "test": ["a"]}, None, "clips")
+    with pytest.raises(PtftError, match=r"test has labels never seen in training: \['c'\]"):
+        split_label_names({"train": ["a", "b"], "test": ["c"]}, None, "rows")
