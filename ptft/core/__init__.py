@@ -4,6 +4,7 @@ from ptft.core.adapt_bn import AdaptBatchNorm
 from ptft.core.callbacks import (
     BeforeAfterReport,
     EMAWarmupWeightAveraging,
+    TrainingLossCallback,
     WritePredictions,
 )
 from ptft.core.classification import ClassificationModule
@@ -47,6 +48,7 @@ __all__ = [
     "PeftConfig",
     "PtftError",
     "SchedulerConfig",
+    "TrainingLossCallback",
     "WandbLogger",
     "WeightedObjectives",
     "WritePredictions",

@@ -11,6 +11,20 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities import rank_zero_info
 
 
+class TrainingLossCallback(L.Callback):
+    """A callback that changes the training loss: distillation, EWC, any regulariser that needs a training run's state.
+
+    :class:`ptft.core.FineTuneModule` calls :meth:`training_loss` of every such callback on the trainer, in callback
+    order, after the task's own loss and before the L1 / L2-SP penalty. Lightning has no hook that returns a new loss
+    (``on_before_backward`` only sees it), and a callback keeps what must stay out of the student's checkpoints and
+    optimizer (a teacher, a previous model's weights) out of the LightningModule.
+    """
+
+    def training_loss(self, module: L.LightningModule, batch: Any, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to optimise for this training batch, given the task's ``loss``; log extra values with ``module.log``."""
+        raise NotImplementedError
+
+
 class BeforeAfterReport(L.Callback):
     """Prints a validation metric before fine-tuning and after it, best and last epoch.
 

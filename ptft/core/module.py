@@ -232,6 +232,12 @@ class FineTuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
+        if self._trainer is not None:
+            from ptft.core.callbacks import TrainingLossCallback
+
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, TrainingLossCallback):
+                    loss = callback.training_loss(self, batch, loss)
         penalty = self.penalty()
         if penalty is not None:
             self.log("train/penalty", penalty, batch_size=self.batch_size_of(batch))
