@@ -46,6 +46,32 @@ def build_hf_model(
     return auto_class.from_config(config, dtype=torch.float32)  # LLM configs often store bfloat16
 
 
+def keep_hf_layers(model: nn.Module, keep: list[int]) -> None:
+    """Keeps only the transformer blocks ``keep`` (in that order) of a Hugging Face model, in place.
+
+    A smaller student initialised from its teacher's blocks, as DistilBERT (every other layer). The blocks are the
+    model's one ``ModuleList`` as long as ``config.num_hidden_layers``; the config is updated, so ``save_pretrained``
+    writes the smaller architecture.
+    """
+    config = model.config
+    total = config.num_hidden_layers
+    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == total]
+    if len(lists) != 1:
+        raise PtftError(f"keep_layers: cannot find the {total} blocks of {type(model).__name__} "
+                        f"({len(lists)} module lists of that length)")
+    bad = [i for i in keep if not -total <= i < total]
+    if bad or not keep:
+        raise PtftError(f"keep_layers {list(keep)}: the model has blocks 0-{total - 1}")
+    parent_name, _, attr = lists[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList(blocks[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == total:  # per-layer attention kinds (Gemma, ModernBERT)
+        config.layer_types = [layer_types[i] for i in keep]
+
+
 def label_config(label_names: list[str]) -> dict[str, Any]:
     """The config values of a Hugging Face task head: ``num_labels``, ``id2label``, ``label2id``."""
     return {

@@ -372,6 +372,12 @@ class FineTuneModule(L.LightningModule):
         checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not hasattr(self, "training_aids"):
+            # Modules a callback adds for training only (distillation's hidden-state projections): a checkpoint
+            # written with them loads for test, predict or export without that callback.
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("training_aids.")]:
+                del state[key]
         if "l2_sp_reference" in checkpoint:
             self._l2_sp_reference = dict(checkpoint["l2_sp_reference"])
         if self._trainer is None or self.trainer.state.fn != "fit" or "rng_states" not in checkpoint:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ptft.core.hf import HFModule, build_hf_model, label_config
+from ptft.core.hf import HFModule, build_hf_model, keep_hf_layers, label_config
 from ptft.core.classification import ClassificationModule
 from ptft.text.data import aggregate_windows
 from ptft.text.heads import EncoderWithHead, SequenceHead, SequenceHeadKind
@@ -31,6 +31,8 @@ class TextClassifier(HFModule, ClassificationModule):
             ``lstm`` / ``gru`` (a bidirectional RNN, then mean pooling).
         head_dropout: Dropout before the classifier of a ptft head.
         rnn_size: Hidden size per direction of an ``lstm`` / ``gru`` head (default: half the encoder's).
+        keep_layers: Keep only these transformer blocks of the model, in this order: a smaller student initialised
+            from its teacher's blocks, as DistilBERT (``[0, 2, 4]`` of 6). Checkpoints hold the smaller model.
         aggregate: How a long document's windows are combined at evaluation and prediction (data
             ``long_documents: windows``): ``mean`` logits, per-class ``max``, or majority ``vote``.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
@@ -48,6 +50,7 @@ class TextClassifier(HFModule, ClassificationModule):
         head: SequenceHeadKind = "model",
         head_dropout: float = 0.1,
         rnn_size: int | None = None,
+        keep_layers: list[int] | None = None,
         aggregate: Literal["mean", "max", "vote"] = "mean",
         **kwargs: Any,
     ) -> None:
@@ -66,9 +69,12 @@ class TextClassifier(HFModule, ClassificationModule):
             encoder = build_hf_model(AutoModel, model_name, pretrained, model_config, **labels)
             hidden = encoder.config.hidden_size
             model = EncoderWithHead(encoder, SequenceHead(head, hidden, self.num_labels, head_dropout, rnn_size))
+        if keep_layers is not None:
+            keep_hf_layers(model.encoder if isinstance(model, EncoderWithHead) else model, keep_layers)
         architecture = model.config.to_dict()
         self.set_model(model)
-        self._save_hparams(pretrained=False, model_config=architecture)
+        # A full checkpoint's architecture already has only the kept blocks.
+        self._save_hparams(pretrained=False, model_config=architecture, keep_layers=None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "doc_ids")}
