@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,9 +89,6 @@ def test_teacher_stays_frozen_outside_the_optimizer_and_the_checkpoint(teacher_c
     student = classifier(teacher_ckpt, keep_layers=[1])
     seen_modes = []
 
-    class Watch(torch.nn.Module):
-        pass
-
     t = trainer(tmp_path, max_steps=3, callbacks=[distill], enable_checkpointing=False)
     dm = data(text_files["train"], text_files["val"])
     original = Distillation.training_loss
@@ -149,11 +147,6 @@ def test_teacher_logits_are_cached_by_example_and_reused(teacher_ckpt, text_file
 
         distill.trainer_epoch = 0
         distill._teacher_logits = counting.__get__(distill)
-
-        class Epoch(torch.nn.Module):
-            pass
-
-        import lightning as L
 
         class TrackEpoch(L.Callback):
             def on_train_epoch_start(self, trainer, pl_module):
@@ -226,3 +219,46 @@ def test_distillation_recipe_runs(teacher_ckpt, text_files, run_recipe):
     distill = next(c for c in cli.trainer.callbacks if isinstance(c, Distillation))
     assert distill.teacher_spec == teacher_ckpt
     assert "train/loss_soft" in cli.trainer.callback_metrics
+
+
+class SaveRankState(L.Callback):
+    """Each rank's whole module state (student and projections) and teacher-cache misses per epoch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.misses: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        distill = next(c for c in trainer.callbacks if isinstance(c, Distillation))
+        if distill.cache is not None:
+            self.misses.append(distill.cache.misses)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save({"state": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, "misses": self.misses},
+                   self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_processes_keep_projections_in_sync_and_share_cached_logits(teacher_ckpt, text_files, tmp_path):
+    """Under DDP the projections train like the student (equal on both ranks), and each rank's cached teacher logits
+    serve the other rank from the second epoch on (DistributedSampler gives it other examples)."""
+    hidden = Distillation(teacher_ckpt, hidden_layers={"model.bert.encoder.layer.0": "model.bert.encoder.layer.1"})
+    student = TextClassifier(model_name=teacher_ckpt, pretrained=False, num_labels=2, label_names=LABELS,
+                             model_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1})
+    (tmp_path / "a").mkdir()
+    t = trainer(tmp_path, max_steps=3, devices=2, strategy="ddp_fork", limit_val_batches=0,
+                callbacks=[hidden, SaveRankState(tmp_path / "a")])
+    t.fit(student, data(text_files["train"], text_files["val"]))
+    ranks = [torch.load(tmp_path / "a" / f"rank{r}.pt", weights_only=True)["state"] for r in (0, 1)]
+    assert any(k.startswith("training_aids.distillation.") for k in ranks[0])
+    for key, value in ranks[0].items():
+        torch.testing.assert_close(ranks[1][key], value, msg=key)
+
+    (tmp_path / "b").mkdir()
+    cached = Distillation(teacher_ckpt, cache_dir=str(tmp_path / "cache"))
+    t = trainer(tmp_path, max_epochs=2, devices=2, strategy="ddp_fork", limit_val_batches=0,
+                callbacks=[cached, SaveRankState(tmp_path / "b")])
+    t.fit(classifier(teacher_ckpt, keep_layers=[0]), data(text_files["train"], text_files["val"]))
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache").glob("*.pt")) == ["rank0.pt", "rank1.pt"]
+    for r in (0, 1):
+        first, second = torch.load(tmp_path / "b" / f"rank{r}.pt", weights_only=True)["misses"]
+        assert first > 0 and second == 0, (r, first, second)
