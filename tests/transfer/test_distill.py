@@ -262,3 +262,35 @@ def test_two_processes_keep_projections_in_sync_and_share_cached_logits(teacher_
     for r in (0, 1):
         first, second = torch.load(tmp_path / "b" / f"rank{r}.pt", weights_only=True)["misses"]
         assert first > 0 and second == 0, (r, first, second)
+
+
+def test_vision_teacher_by_timm_name_sees_the_students_mixed_images(image_dirs, tmp_path):
+    """A timm teacher built from a name; with Mixup in the student's step, the teacher gets the mixed images the
+    student saw (not the batch before mixing), and CNN feature maps are matched through a 1x1 projection."""
+    from ptft.vision import ImageClassificationDataModule, ImageClassifier
+
+    dm = ImageClassificationDataModule(train=image_dirs["train"], val=image_dirs["test"], image_size=32, batch_size=6,
+                                       num_workers=0)
+    student = ImageClassifier(model_name="test_resnet", pretrained=False, num_labels=3,
+                              label_names=["blue", "green", "red"], mixup={"mixup_alpha": 0.8, "cutmix_alpha": 0.0})
+    distill = Distillation("test_resnet", teacher_kwargs={"pretrained": False}, hidden_layers={"model.layer2": "model.layer2"})
+    seen = []
+    t = trainer(tmp_path, max_steps=2, callbacks=[distill], limit_val_batches=0)
+    original = Distillation._teacher_logits
+
+    def spy(self, inputs):
+        seen.append(inputs["pixel_values"].clone())
+        return original(self, inputs)
+
+    Distillation._teacher_logits = spy
+    student_inputs = []
+    handle = student.register_forward_hook(lambda m, args, out: student_inputs.append(args[0]["pixel_values"].clone()))
+    try:
+        t.fit(student, dm)
+    finally:
+        Distillation._teacher_logits = original
+        handle.remove()
+    assert len(seen) == 2
+    for teacher_in, student_in in zip(seen, student_inputs):
+        torch.testing.assert_close(teacher_in, student_in)
+    assert t.callback_metrics["train/loss_hidden"] > 0
