@@ -26,6 +26,8 @@ USAGE = """usage: ptft COMMAND [options]
   ptft inspect-layers --config RECIPE             layer index and learning rate of every parameter
   ptft lr-find --config RECIPE                    learning-rate range test (keeps layer-decay / head-lr ratios)
   ptft export [--backbone] CKPT OUTPUT            a plain model folder (or a vision backbone) from a checkpoint
+  ptft ensemble --config RECIPE --checkpoints A B  mean class probabilities of checkpoints (--split, --output)
+  ptft soup --checkpoints A B --output SOUP        average fine-tuned weights (--method uniform|greedy --config)
 
 RECIPE is a YAML file, or the name of a shipped recipe (text/sst2.yaml, recipes/text/sst2.yaml) when no such file
 exists in the current folder. `ptft fit --ckpt_path last` resumes the newest last.ckpt of the recipe's runs.

@@ -418,6 +418,20 @@ def export(args: list[str]) -> None:
     print(f"exported {type(module).__name__} to {own.output}")
 
 
+def ensemble(args: list[str]) -> None:
+    """``ptft ensemble --config RECIPE --checkpoints A.ckpt B.ckpt ...``; see :func:`ptft.transfer.ensemble.ensemble_command`."""
+    from ptft.transfer.ensemble import ensemble_command
+
+    ensemble_command(args)
+
+
+def soup(args: list[str]) -> None:
+    """``ptft soup --checkpoints A.ckpt B.ckpt ... --output soup.ckpt``; see :func:`ptft.transfer.soup.soup_command`."""
+    from ptft.transfer.soup import soup_command
+
+    soup_command(args)
+
+
 @contextmanager
 def no_argv() -> Iterator[None]:
     """The command's own arguments replace the command line (LightningCLI would read ``sys.argv`` otherwise)."""
@@ -429,4 +443,5 @@ def no_argv() -> Iterator[None]:
         sys.argv = saved
 
 
-COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export}
+COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export,
+            "ensemble": ensemble, "soup": soup}

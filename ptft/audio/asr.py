@@ -78,6 +78,8 @@ class SpeechRecognitionDataModule(AudioClassificationDataModule):
         if kwargs.pop("clip_seconds", None) is not None:
             raise PtftError("speech recognition trains on whole clips (a crop would cut words out of the transcript): "
                             "drop clip_seconds; max_seconds drops long clips instead")
+        if kwargs.pop("train_per_class", None) is not None:
+            raise PtftError("train_per_class draws clips per class; transcripts have no classes: subsample the CSV")
         super().__init__(train=train, val=val, test=test, predict=predict, labels=vocabulary, path_column=path_column,
                          label_column=transcript_column, clip_seconds=None, **kwargs)
         self.lowercase = lowercase

@@ -246,6 +246,8 @@ class AudioClassificationDataModule(AudioReading, LabelledFileSplits, Classifica
         val_fraction: Fraction of training clips held out for validation when ``val`` is missing.
         seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding and augmenting clips.
+        train_per_class: Few-shot training: keep this many training clips of every class (a stratified subset
+            chosen by ``seed``, after the held-out split); ``None`` trains on every one.
     """
 
     file_suffixes = AUDIO_SUFFIXES
@@ -273,8 +275,9 @@ class AudioClassificationDataModule(AudioReading, LabelledFileSplits, Classifica
         val_fraction: float = 0.1,
         seed: int | None = None,
         num_workers: int = 2,
+        train_per_class: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction, train_per_class)
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) audio")
@@ -283,6 +286,9 @@ class AudioClassificationDataModule(AudioReading, LabelledFileSplits, Classifica
         self.list_splits(train, val, test, predict, path_column, label_column)
 
     # --- the base's hooks -----------------------------------------------------------------------------------
+    def label_ids(self, rows: list[tuple[FileSource, str | None]]) -> list[int]:
+        return encode_labels([label for _, label in rows], self.label_names, "training data")
+
     def build(self, split: str, rows: list[tuple[FileSource, str | None]]) -> AudioDataset:
         labels = None if split == "predict" else encode_labels([label for _, label in rows], self.label_names, split)
         return self.clips(split, [f for f, _ in rows], labels)

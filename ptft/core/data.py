@@ -6,10 +6,12 @@ A modality's data module subclasses :class:`FineTuneDataModule` and adds reading
 * :meth:`~FineTuneDataModule.load_split` -- a split's rows as given (a list, a ``datasets.Dataset``, …) or ``None``;
 * :meth:`~FineTuneDataModule.check` -- optional: one-line errors for bad rows (or the rows to keep);
 * :meth:`~FineTuneDataModule.build` -- rows -> the ``Dataset`` the loader reads (decoding, tokenising, transforms);
-* :meth:`~FineTuneDataModule.collate_fn` -- optional: how items become a batch.
+* :meth:`~FineTuneDataModule.collate_fn` -- optional: how items become a batch;
+* :meth:`~FineTuneDataModule.label_ids` -- classification only: the class of each row, for ``train_per_class``.
 
 The base's :meth:`~FineTuneDataModule.setup` asks for the splits a stage needs, holds out ``val_fraction`` of the
-training rows when no validation split is given, and builds each split once.
+training rows when no validation split is given, keeps ``train_per_class`` training rows of every class when asked
+(few-shot), and builds each split once.
 """
 
 from __future__ import annotations
@@ -88,6 +90,43 @@ def select(rows: Any, indices: list[int]) -> Any:
     if isinstance(rows, Sequence):
         return [rows[i] for i in indices]
     return Subset(rows, indices)
+
+
+# --- few-shot subsets ------------------------------------------------------------------------------------------
+def per_class_indices(
+    label_ids: Sequence[int], per_class: int, seed: int, label_names: Sequence[str] | None = None,
+    after: str = "",
+) -> list[int]:
+    """Indices of ``per_class`` rows of every class, in the rows' given order: the first ``per_class`` rows of each
+    class in one random permutation of all rows, seeded by ``seed``.
+
+    One permutation for all classes makes the subsets nested: with the same seed, the rows drawn for k per class are
+    among those drawn for any larger k, so a sweep over k adds examples instead of drawing new ones.
+
+    Args:
+        label_ids: The class id of every row.
+        per_class: Rows to keep per class.
+        seed: Seed of the permutation (the data seed: the same on every rank).
+        label_names: Class names in id order: every class must have ``per_class`` rows, and errors name it. Without
+            them, the classes are the ids present.
+        after: Where the rows come from, appended to the error message (`` after holding out validation``).
+    """
+    if per_class < 1:
+        raise PtftError(f"train_per_class must be at least 1 (or null for every training row), got {per_class}")
+    classes = range(len(label_names)) if label_names is not None else sorted(set(label_ids))
+    kept: dict[int, list[int]] = {c: [] for c in classes}
+    for i in torch.randperm(len(label_ids), generator=torch.Generator().manual_seed(seed)).tolist():
+        chosen = kept.get(label_ids[i])
+        if chosen is not None and len(chosen) < per_class:
+            chosen.append(i)
+    short = next((c for c, chosen in kept.items() if len(chosen) < per_class), None)
+    if short is not None:
+        name = label_names[short] if label_names is not None else short
+        raise PtftError(
+            f"train_per_class={per_class}, but class {name!r} has only {len(kept[short])} training row(s){after}: "
+            "lower train_per_class or add examples of that class"
+        )
+    return sorted(i for chosen in kept.values() for i in chosen)
 
 
 # --- training order ---------------------------------------------------------------------------------------------
@@ -248,27 +287,35 @@ class FineTuneDataModule(L.LightningDataModule):
 
     The held-out split is one rule for every modality: when no validation split is given, ``val_fraction`` of the
     training rows (``round(val_fraction * rows)``, at least one) are drawn by ``torch.utils.data.random_split``
-    seeded with :attr:`seed`, each part keeping the rows' given order.
+    seeded with :attr:`seed`, each part keeping the rows' given order. Few-shot training is one rule too:
+    ``train_per_class`` keeps that many training rows of every class (:func:`per_class_indices`, seeded with
+    :attr:`seed`), drawn after the held-out split so that validation is the same whatever the k; classification data
+    modules implement :meth:`label_ids` for it.
 
     Args:
         batch_size: Training batch size (per process).
         eval_batch_size: Validation / test / predict batch size; defaults to ``batch_size``.
         num_workers: DataLoader worker processes.
-        seed: Seed of the held-out split and of the training order; ``None`` takes the seed of ``seed_everything``
-            (the CLI's ``seed_everything``), or 42 when none was set.
+        seed: Seed of the held-out split, of the few-shot subset and of the training order; ``None`` takes the seed of
+            ``seed_everything`` (the CLI's ``seed_everything``), or 42 when none was set.
         val_fraction: Fraction of the training rows held out for validation when no validation split is given.
+        train_per_class: Few-shot training: keep this many training rows of every class (a stratified subset chosen
+            by ``seed``, after the held-out split); ``None`` trains on every row.
     """
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int | None = None,
-        val_fraction: float = 0.1,
+        val_fraction: float = 0.1, train_per_class: int | None = None,
     ) -> None:
         super().__init__()
+        if train_per_class is not None and train_per_class < 1:
+            raise PtftError(f"train_per_class must be at least 1 (or null for every training row), got {train_per_class}")
         self.given_seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
+        self.train_per_class = train_per_class
         self.datasets: dict[str, Dataset] = {}
         self._rows: dict[str, Any] = {}
 
@@ -301,6 +348,10 @@ class FineTuneDataModule(L.LightningDataModule):
         """Per-row lengths of the training set for length-grouped batches, or ``None`` for plain shuffling."""
         return None
 
+    def label_ids(self, rows: Any) -> list[int]:
+        """The class id of every row of a split, for ``train_per_class``: classification data modules implement it."""
+        raise PtftError(f"train_per_class: {type(self).__name__} has no classes to draw training rows from")
+
     def source_hint(self, split: str) -> str:
         """What to set to give ``split``, for error messages."""
         return f"data.init_args.{split}"
@@ -322,7 +373,8 @@ class FineTuneDataModule(L.LightningDataModule):
         return self._rows[split]
 
     def split_rows(self, split: str) -> Any:
-        """The rows a split is built from: as given, or the held-out part of training for a missing ``val``."""
+        """The rows a split is built from: as given, or the held-out part of training for a missing ``val``;
+        ``train_per_class`` rows of each class of the rest for ``train`` when it is set."""
         if split not in ("train", "val"):
             rows = self.rows(split)
             if rows is None:
@@ -335,10 +387,16 @@ class FineTuneDataModule(L.LightningDataModule):
         if train is None:
             also = f"{self.source_hint('val')} or " if split == "val" else ""
             raise PtftError(f"{_VERBS[split]} needs training data: set {also}{self.source_hint('train')}")
-        if val is not None:
+        if val is None:
+            train_idx, val_idx = hold_out_indices(len(train), self.val_fraction, self.seed)
+            if split == "val":
+                return select(train, val_idx)
+            train = select(train, train_idx)
+        if self.train_per_class is None:
             return train
-        train_idx, val_idx = hold_out_indices(len(train), self.val_fraction, self.seed)
-        return select(train, train_idx if split == "train" else val_idx)
+        names = getattr(self, "label_names", None)
+        after = "" if val is not None else " after holding out validation"
+        return select(train, per_class_indices(self.label_ids(train), self.train_per_class, self.seed, names, after))
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None and self.trainer.lightning_module is not None:
@@ -442,7 +500,7 @@ class ClassificationDataModule(LabelsMixin, FineTuneDataModule):
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, num_workers: int, labels: list[str] | None,
-        seed: int | None = None, val_fraction: float = 0.1,
+        seed: int | None = None, val_fraction: float = 0.1, train_per_class: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, val_fraction)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, val_fraction, train_per_class)
         self.init_labels(labels)

@@ -35,6 +35,8 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             documents) whose windows the model combines (its ``aggregate``), so metrics and predictions are per
             document, also under DDP.
         stride: Tokens shared by consecutive windows (``windows`` only).
+        train_per_class: Few-shot training: keep this many training rows of every class (a stratified subset chosen
+            by ``seed``, after the held-out split); ``None`` trains on every row.
         **kwargs: The shared text data arguments of :class:`ptft.text.base.TextDataModule` (``train_file``,
             ``val_file``, ``test_file``, ``predict_file``, ``dataset``, ``dataset_config``, splits,
             ``rename_columns``, ``tokenizer``, ``max_length``, ``batch_size``, ``eval_batch_size``,
@@ -50,11 +52,13 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
         group_by_length: bool = False,
         long_documents: Literal["truncate", "windows"] = "truncate",
         stride: int = 32,
+        train_per_class: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters(logger=False)
         self.init_labels(labels)
+        self.train_per_class = train_per_class  # the base draws the subset (TextDataModule's arguments lack it)
         self.text_column = text_column
         self.text_pair_column = text_pair_column
         self.label_column = label_column
@@ -85,6 +89,9 @@ class TextClassificationDataModule(LabelsMixin, TextDataModule):
             if raw[split] is not None:
                 encode_labels(column(raw[split], self.label_column), names, self.sources.describe(split))
         return names
+
+    def label_ids(self, rows: Any) -> list[int]:
+        return encode_labels(column(rows, self.label_column), self.label_names, "training data")
 
     def encode(self, ds: Any, split: str) -> Any:
         tokenizer, text, pair, max_length = self.tokenizer, self.text_column, self.text_pair_column, self.max_length

@@ -283,6 +283,8 @@ class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
         seed: Seed of the held-out split and of the batch order; by default the one of ``seed_everything``.
         num_workers: DataLoader worker processes decoding and transforming images.
+        train_per_class: Few-shot training: keep this many training images of every class (a stratified subset
+            chosen by ``seed``, after the held-out split); ``None`` trains on every one.
     """
 
     file_suffixes = IMAGE_SUFFIXES
@@ -314,8 +316,9 @@ class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule
         val_fraction: float = 0.1,
         seed: int | None = None,
         num_workers: int = 2,
+        train_per_class: int | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction)
+        super().__init__(batch_size, eval_batch_size, num_workers, labels, seed, val_fraction, train_per_class)
         self.save_hyperparameters(logger=False)
         if train is None and test is None and predict is None:
             raise PtftError("give train (and optionally val / test) images")
@@ -339,6 +342,9 @@ class ImageClassificationDataModule(LabelledFileSplits, ClassificationDataModule
         return image_transform(self.model_data_config, self.image_size, self.crop_pct, self.augment, training)
 
     # --- the base's hooks -----------------------------------------------------------------------------------
+    def label_ids(self, rows: list[tuple[FileSource, str | None]]) -> list[int]:
+        return encode_labels([label for _, label in rows], self.label_names, "training data")
+
     def check(self, split: str, rows: list[tuple[ImageSource, str | None]]) -> list[tuple[ImageSource, str | None]]:
         return drop_unreadable_images(self, split, rows, [image for image, _ in rows], self.on_bad_image)
 

@@ -20,6 +20,7 @@ from ptft.core.data import (
     cached_checks,
     hold_out_indices,
     parallel_map,
+    per_class_indices,
 )
 from ptft.core.errors import PtftError
 
@@ -110,6 +111,56 @@ def test_image_module_holds_out_by_seed_everything(image_dirs, monkeypatch, tmp_
     assert val_files() != one
     L.seed_everything(1, verbose=False)
     assert val_files() == one
+
+
+class Classes(Numbers):
+    """Numbers whose class is ``row % 3``, except that class 2 has only ``rare`` rows (the first ones)."""
+
+    def __init__(self, rare: int = 100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.rare = rare
+
+    def load_split(self, split):
+        rows = super().load_split(split)
+        if split == "train":
+            rows = [r for r in rows if r % 3 != 2 or r // 3 < self.rare]
+        return rows
+
+    def label_ids(self, rows):
+        return [r % 3 for r in rows]
+
+
+def few_shot(k, seed=0, **kwargs):
+    dm = Classes(size=90, train_per_class=k, seed=seed, **kwargs)
+    dm.setup("fit")
+    return dm.datasets["train"], dm.datasets["val"]
+
+
+def test_train_per_class_is_a_seeded_stratified_subset_drawn_after_the_held_out_split():
+    train, val = few_shot(4)
+    assert sorted(r % 3 for r in train) == [0] * 4 + [1] * 4 + [2] * 4
+    everything_train, everything_val = few_shot(None)
+    assert val == everything_val  # the held-out split does not depend on k...
+    assert set(train) <= set(everything_train) and train == sorted(train)  # ...and k-shot rows come from the rest
+    assert few_shot(4) == (train, val)  # same seed, same subset (every rank resolves the same seed)
+    assert few_shot(4, seed=1)[0] != train  # another seed, another subset
+    assert set(few_shot(2)[0]) <= set(train)  # one permutation for every k: subsets grow with k
+    given, _ = few_shot(4, val=[1000])  # a given validation split: drawn from every training row
+    assert len(given) == 12 and set(given) != set(train)
+
+
+def test_per_class_indices_error_names_the_short_class():
+    with pytest.raises(PtftError, match=r"^train_per_class=5, but class 'c' has only 4 training row\(s\): lower"):
+        per_class_indices([0] * 9 + [1] * 9 + [2] * 4, 5, seed=0, label_names=["a", "b", "c"])
+    with pytest.raises(PtftError, match="class 'c' has only 0"):  # a class with no row at all
+        per_class_indices([0, 1] * 5, 2, seed=0, label_names=["a", "b", "c"])
+    with pytest.raises(PtftError, match="train_per_class must be at least 1"):
+        Classes(train_per_class=0)
+    with pytest.raises(PtftError, match=r"class 2 has only \d training row\(s\) after holding out validation"):
+        few_shot(4, rare=3)
+    with pytest.raises(PtftError, match="Numbers has no classes"):
+        dm = Numbers(train_per_class=2)
+        dm.setup("fit")
 
 
 def test_sampler_shards_and_pads_like_distributed_sampler():
