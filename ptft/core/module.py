@@ -6,6 +6,7 @@ import copy
 import functools
 import inspect
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
@@ -217,7 +218,9 @@ class FineTuneModule(L.LightningModule):
     @staticmethod
     def batch_size_of(batch: Any) -> int:
         """Examples in a batch (the length of its first tensor), for logging averages."""
-        values = batch.values() if isinstance(batch, dict) else batch
+        # Mapping, not dict: a tokenizer's BatchEncoding is a UserDict, whose iteration gives its keys (a key's
+        # letters were counted as examples, and evaluation losses were unweighted means of batch means).
+        values = batch.values() if isinstance(batch, Mapping) else batch
         first = next(v for v in values if hasattr(v, "__len__"))
         return len(first)
 

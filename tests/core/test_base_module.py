@@ -154,3 +154,15 @@ def test_fused_adagrad_only_on_cpu():
         _use_fused(cuda, OptimizerConfig(name="adagrad", fused=True))
     with pytest.raises(PtftError, match="no fused rmsprop"):
         build_optimizer([{"params": [nn.Parameter(torch.zeros(2))]}], OptimizerConfig(name="rmsprop", fused=True))
+
+
+def test_batch_size_counts_rows_of_a_tokenizers_batch_encoding():
+    """A tokenizer's BatchEncoding is a UserDict, not a dict: its rows are counted, not the letters of a key (that
+    made every text evaluation loss an unweighted mean of batch means)."""
+    from transformers import BatchEncoding
+
+    from ptft.core.module import FineTuneModule
+
+    batch = BatchEncoding({"input_ids": torch.ones(5, 7, dtype=torch.long), "labels": torch.zeros(5)})
+    assert FineTuneModule.batch_size_of(batch) == 5
+    assert FineTuneModule.batch_size_of({"pixel_values": torch.ones(3, 1)}) == 3
