@@ -2,5 +2,20 @@
 fine-tuning."""
 
 from ptft.transfer.distill import Distillation
+from ptft.transfer.ensemble import EnsemblePredictions, ensemble_predictions
+from ptft.transfer.multitask import MultiTaskModule, TaskHead, load_task_module
+from ptft.transfer.multitask_data import MultiTaskDataModule
+from ptft.transfer.soup import Soup, greedy_soup, uniform_soup
 
-__all__ = ["Distillation"]
+__all__ = [
+    "Distillation",
+    "EnsemblePredictions",
+    "MultiTaskDataModule",
+    "MultiTaskModule",
+    "Soup",
+    "TaskHead",
+    "ensemble_predictions",
+    "greedy_soup",
+    "load_task_module",
+    "uniform_soup",
+]
