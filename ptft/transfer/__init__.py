@@ -1,6 +1,7 @@
 """Transfer techniques on top of any ptft module: distillation, few-shot ensembles and soups, continual and multi-task
 fine-tuning."""
 
+from ptft.transfer.continual import EWC, ContinualDataModule, ContinueFrom, evaluate_old_and_new
 from ptft.transfer.distill import Distillation
 from ptft.transfer.ensemble import EnsemblePredictions, ensemble_predictions
 from ptft.transfer.multitask import MultiTaskModule, TaskHead, load_task_module
@@ -8,6 +9,9 @@ from ptft.transfer.multitask_data import MultiTaskDataModule
 from ptft.transfer.soup import Soup, greedy_soup, uniform_soup
 
 __all__ = [
+    "EWC",
+    "ContinualDataModule",
+    "ContinueFrom",
     "Distillation",
     "EnsemblePredictions",
     "MultiTaskDataModule",
@@ -15,6 +19,7 @@ __all__ = [
     "Soup",
     "TaskHead",
     "ensemble_predictions",
+    "evaluate_old_and_new",
     "greedy_soup",
     "load_task_module",
     "uniform_soup",
