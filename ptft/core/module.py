@@ -121,6 +121,13 @@ class FineTuneModule(L.LightningModule):
         if self.compile_backend is not None:
             self.model.compile(backend=self.compile_backend)  # in place: parameter names and checkpoints unchanged
 
+    def reset_l2_sp_reference(self) -> None:
+        """Makes the current weights the ones L2-SP pulls towards (continuing from a previous fine-tune, whose
+        weights were loaded after :meth:`set_model`); nothing when ``l2_sp`` is off."""
+        if self._l2_sp_reference:
+            params = dict(self.model.named_parameters())
+            self._l2_sp_reference = {n: params[n].detach().clone() for n in self._l2_sp_reference}
+
     def _save_hparams(self, **overrides: Any) -> None:
         """Saves the constructor's arguments as plain values, so ``load_from_checkpoint`` works outside the CLI.
 

@@ -142,10 +142,7 @@ def load_previous(module: L.LightningModule, checkpoint: str) -> dict[str, torch
                     f"{checkpoint}: {name} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}: build "
                     f"the model as the previous run did (model_name {hparams.get('model_name')!r})"
                 )
-    reference = getattr(module, "_l2_sp_reference", None)
-    if reference:  # l2_sp > 0: the starting weights are now the previous model's
-        params = dict(module.model.named_parameters())
-        module._l2_sp_reference = {n: params[n].detach().clone() for n in reference}
+    module.reset_l2_sp_reference()  # l2_sp > 0: the starting weights are now the previous model's
     return previous_rows
 
 
