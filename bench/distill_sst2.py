@@ -102,11 +102,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--speed-only", action="store_true", help="re-measure inference from the saved checkpoints")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads while training (1 on a busy machine); inference uses every core")
     args = parser.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     results_file = OUT / "results.json"
     if args.speed_only:
         saved = json.loads(results_file.read_text())
@@ -132,11 +134,12 @@ def main() -> None:
                     runs.append({"student": student, "distil": distil, "seed": seed, "ckpt": str(ckpt), **run})
                     print(f"{student} {'distilled' if distil else 'plain':>9} seed {seed}: dev acc {run['acc']:.4f} "
                           f"({run['seconds']:.0f} s)", flush=True)
-        saved = {"args": vars(args), "teacher": {**teacher, "ckpt": str(teacher_ckpt)}, "runs": runs}
+        saved = {"args": {k: v for k, v in vars(args).items() if k != "speed_only"}, "teacher": {**teacher, "ckpt": str(teacher_ckpt)}, "runs": runs}
         results_file.write_text(json.dumps(saved, indent=1))
     checkpoints = {"teacher": Path(saved["teacher"]["ckpt"])}
     for student in STUDENTS:
         checkpoints[student] = Path(next(r["ckpt"] for r in saved["runs"] if r["student"] == student))
+    torch.set_num_threads(os.cpu_count() or 1)
     speed = inference_speed(checkpoints, args.repeats)
     a = saved["args"]
     teacher_acc = saved["teacher"]["acc"]

@@ -3,8 +3,10 @@
 Pre-training (bounded by optimizer steps) sees only airplane, automobile, bird, cat, deer (classes 0-4):
 
 - supervised: ``ImageClassifier`` on their 25,000 training images (recipes/vision/supervised-pretrain.yaml);
-- self-supervised (``--ssl-steps N``, off by default on a 2-core CPU): SimCLR on the same images, labels ignored
-  (recipes/vision/simclr.yaml).
+- self-supervised (each off by default on a 2-core CPU), on the same images, labels ignored: SimCLR
+  (``--ssl-steps N``, recipes/vision/simclr.yaml), MoCo v2 (``--moco-steps N``, recipes/vision/moco.yaml), and MAE
+  (``--mae-steps N``, recipes/vision/mae.yaml), which needs a ViT: timm's ``test_vit`` with 4-px patches, whose
+  rows are compared with the same ViT from scratch.
 
 Each backbone is exported without its head (``ptft.vision.pretrain.export_backbone``, timm ``model.safetensors``) and
 fine-tuned through ``ImageClassifier(pretrained_file=...)`` on 50 training images per class of dog, frog, horse, ship,
@@ -13,7 +15,7 @@ backbone (full fine-tune), and linear probe vs full fine-tune vs gradual unfreez
 Every fine-tune runs for each seed (head initialisation and batch order); the table gives the mean and the spread.
 
     python bench/vision_transfer.py [--data ../shared/data/cifar10/cifar10-jpg.zip] [--pretrain-steps 300]
-        [--ssl-steps 0] [--epochs 16] [--seeds 0 1]
+        [--ssl-steps 0] [--moco-steps 0] [--mae-steps 0] [--epochs 16] [--seeds 0 1]
 
 Writes the table to docs/benchmarks.md (section "Vision transfer from pre-training").
 """
@@ -35,9 +37,13 @@ CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 SOURCE, TARGET = CLASSES[:5], CLASSES[5:]
 MODEL = "test_resnet"  # timm's tiny ResNet (0.37M parameters): the 2-core CPU budget allows nothing bigger
+# MAE needs a ViT: timm's tiny one (0.3M parameters) with 4-px patches at 32 px (64 tokens); drop_rate as cifar10.yaml
+VIT, VIT_KWARGS = "test_vit", "{img_size: 32, patch_size: 4}"
+VIT_FINETUNE_KWARGS = "{img_size: 32, patch_size: 4, drop_rate: 0.1}"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trainer.enable_model_summary=false",
          "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.num_sanity_val_steps=0",
-         "--data.init_args.num_workers=1"]
+         "--data.init_args.num_workers=1",
+         "--trainer.precision=32-true"]  # the recipes' precision: auto measures bf16 on a loaded CPU, and this table says fp32
 # name -> (description, extra CLI arguments on top of recipes/vision/cifar10.yaml)
 FINETUNES = {
     "full": ("full fine-tune (lr 1e-3)", []),
@@ -124,9 +130,39 @@ def pretrain_simclr(folders: dict[str, Path], steps: int, out: Path) -> dict:
             "images": steps * c.datamodule.batch_size}
 
 
-def finetune(folders: dict[str, Path], backbone: Path | None, strategy: str, epochs: int, seed: int) -> float:
+def pretrain_moco(folders: dict[str, Path], steps: int, out: Path) -> dict:
+    c = cli(["--config", str(REPO / "recipes/vision/moco.yaml"), f"--model.init_args.model_name={MODEL}",
+             f"--data.init_args.train={folders['pretrain']}", "--data.init_args.val_fraction=0.02",
+             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
+             "--trainer.limit_val_batches=2", "--data.init_args.batch_size=128", *QUIET])
+    start = time.perf_counter()
+    c.trainer.fit(c.model, c.datamodule)
+    seconds = time.perf_counter() - start
+    c.model.save_model(c.model.model, str(out))
+    m = c.trainer.callback_metrics
+    return {"seconds": seconds, "val_loss": m["val/loss"].item(), "val_pos_acc": m["val/pos_acc"].item(),
+            "queue": c.model.queue.shape[0]}
+
+
+def pretrain_mae(folders: dict[str, Path], steps: int, out: Path, lr: float) -> dict:
+    c = cli(["--config", str(REPO / "recipes/vision/mae.yaml"), f"--model.init_args.model_name={VIT}",
+             f"--model.init_args.model_kwargs={VIT_KWARGS}", f"--model.init_args.optimizer.lr={lr}",
+             f"--data.init_args.train={folders['pretrain']}", "--data.init_args.val_fraction=0.02",
+             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
+             "--trainer.limit_val_batches=2", "--data.init_args.batch_size=128", *QUIET])
+    start = time.perf_counter()
+    c.trainer.fit(c.model, c.datamodule)
+    seconds = time.perf_counter() - start
+    c.model.save_model(c.model.model, str(out))
+    return {"seconds": seconds, "val_loss": c.trainer.callback_metrics["val/loss"].item()}
+
+
+def finetune(folders: dict[str, Path], backbone: Path | None, strategy: str, epochs: int, seed: int,
+             vit: bool = False) -> float:
     weights = [f"--model.init_args.pretrained_file={backbone}"] if backbone else ["--model.init_args.pretrained=false"]
-    c = cli(["--config", str(REPO / "recipes/vision/cifar10.yaml"), f"--model.init_args.model_name={MODEL}", *weights,
+    model = [f"--model.init_args.model_name={VIT}", f"--model.init_args.model_kwargs={VIT_FINETUNE_KWARGS}"] if vit \
+        else [f"--model.init_args.model_name={MODEL}"]
+    c = cli(["--config", str(REPO / "recipes/vision/cifar10.yaml"), *model, *weights,
              f"--data.init_args.train={folders['train']}", f"--data.init_args.val={folders['test']}",
              f"--data.init_args.test={folders['test']}", "--data.init_args.batch_size=32",
              "--data.init_args.eval_batch_size=250", f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=0",
@@ -140,6 +176,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=CIFAR10)
     parser.add_argument("--pretrain-steps", type=int, default=400, help="supervised pre-training steps (batch 64)")
     parser.add_argument("--ssl-steps", type=int, default=0, help="SimCLR pre-training steps (batch 128); 0 skips it")
+    parser.add_argument("--moco-steps", type=int, default=0, help="MoCo pre-training steps (batch 128); 0 skips it")
+    parser.add_argument("--mae-steps", type=int, default=0, help="MAE pre-training steps of a ViT (batch 128); 0 skips it")
+    parser.add_argument("--mae-lr", type=float, default=1.5e-4, help="MAE learning rate (recipe: 1.5e-4)")
     parser.add_argument("--epochs", type=int, default=16, help="fine-tuning epochs (250 images, batch 32)")
     parser.add_argument("--per-class", type=int, default=50, help="labelled fine-tuning images per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -167,17 +206,35 @@ def main() -> None:
                      f"min, held-out val/loss {ssl['val_loss']:.3f}, positive-pair top-1 {ssl['val_pos_acc']:.3f} "
                      "(batches of 128: chance 1/255)")
         print(notes[-1], flush=True)
+    if args.moco_steps:
+        moco = pretrain_moco(folders, args.moco_steps, WORK / "backbone-moco")
+        backbones["MoCo"] = WORK / "backbone-moco" / "model.safetensors"
+        notes.append(f"MoCo pre-training: {args.moco_steps} steps x 128 images x 2 views in {moco['seconds'] / 60:.1f} "
+                     f"min, held-out val/loss {moco['val_loss']:.3f}, positive top-1 among the queue "
+                     f"{moco['val_pos_acc']:.3f} (queue {moco['queue']:,}: chance 1/{moco['queue'] + 1:,})")
+        print(notes[-1], flush=True)
+    vit_backbones: dict[str, Path] = {}
+    if args.mae_steps:
+        mae = pretrain_mae(folders, args.mae_steps, WORK / "backbone-mae", args.mae_lr)
+        vit_backbones["MAE"] = WORK / "backbone-mae" / "model.safetensors"
+        notes.append(f"MAE pre-training of `{VIT}` (4-px patches, 75% masked, lr {args.mae_lr:g}): {args.mae_steps} steps "
+                     f"x 128 images in {mae['seconds'] / 60:.1f} min, held-out val/loss {mae['val_loss']:.3f} "
+                     "(per-patch standardised pixels: predicting zeros scores about 1.0)")
+        print(notes[-1], flush=True)
 
-    runs = [("scratch", None, "full")] + [(name, path, "full") for name, path in backbones.items()]
-    runs += [("supervised", backbones["supervised"], s) for s in ("probe", "gradual")]
-    if "SimCLR" in backbones:
-        runs.append(("SimCLR", backbones["SimCLR"], "probe"))
+    # (row name, weights, strategy, ViT?)
+    runs = [("scratch", None, "full", False)] + [(name, path, "full", False) for name, path in backbones.items()]
+    runs += [("supervised", backbones["supervised"], s, False) for s in ("probe", "gradual")]
+    runs += [(name, backbones[name], "probe", False) for name in ("SimCLR", "MoCo") if name in backbones]
+    if vit_backbones:
+        runs += [(f"scratch (`{VIT}`)", None, "full", True)]
+        runs += [(f"MAE (`{VIT}`)", vit_backbones["MAE"], s, True) for s in ("full", "probe")]
     results = []
-    for init, path, strategy in runs:
+    for init, path, strategy, vit in runs:
         accs = []
         for seed in args.seeds:
             start = time.perf_counter()
-            accs.append(finetune(folders, path, strategy, args.epochs, seed))
+            accs.append(finetune(folders, path, strategy, args.epochs, seed, vit))
             print(f"{init:>10} {strategy:>8} seed {seed}: test acc {accs[-1]:.4f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
         results.append((init, strategy, accs))
@@ -186,8 +243,11 @@ def main() -> None:
         "",
         "",
         (f"`python bench/vision_transfer.py --pretrain-steps {args.pretrain_steps} --ssl-steps {args.ssl_steps} "
+        f"--moco-steps {args.moco_steps} --mae-steps {args.mae_steps}"
+        f"{f' --mae-lr {args.mae_lr:g}' if args.mae_steps and args.mae_lr != 1.5e-4 else ''} "
         f"--epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}` — timm `{MODEL}` (0.37M parameters) at "
-        "32 px. Pre-training sees CIFAR-10 classes 0-4 only (airplane, automobile, bird, cat, deer); the backbone "
+        f"32 px{f'; the MAE rows and their scratch baseline use timm `{VIT}` (0.3M parameters, 4-px patches) instead' if args.mae_steps else ''}. "
+        "Pre-training sees CIFAR-10 classes 0-4 only (airplane, automobile, bird, cat, deer); the backbone "
         "is exported without its head and loaded by `ImageClassifier(pretrained_file=...)`. Fine-tuning: "
         f"{args.per_class} training images per class of classes 5-9 (dog, frog, horse, ship, truck), "
         f"{args.epochs} epochs, batch 32, recipes/vision/cifar10.yaml otherwise (AdamW, cosine, flip + crop "

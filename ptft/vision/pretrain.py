@@ -71,7 +71,8 @@ def contrastive_transform(
 
 
 class UnlabeledImageDataModule(FineTuneDataModule):
-    """Unlabelled images for self-supervised pre-training: each example is two augmented views of one image.
+    """Unlabelled images for self-supervised pre-training: each example is two augmented views of one image
+    (``(2, C, H, W)``: SimCLR, MoCo), or one (``views: 1``, ``(C, H, W)``: MAE).
 
     A location is a folder of images (flat or nested: class folders are allowed and ignored), a zip archive of one,
     or a folder inside a zip (``cifar10.zip/train``). Every image is checked before training starts (by rank 0 alone
@@ -86,8 +87,10 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         color_jitter: Strength of brightness / contrast / saturation jitter (hue = strength / 4), applied with p=0.8.
         grayscale_prob: Probability of converting a view to grayscale.
         blur_prob: Probability of a Gaussian blur (use 0 for small images such as CIFAR's 32 px).
+        views: Augmented views per image: 2 for contrastive methods, 1 for masked image modelling (MAE, which
+            augments with the crop and flip alone: set ``color_jitter``, ``grayscale_prob``, ``blur_prob`` to 0).
         on_bad_image: What to do with images that cannot be read: ``error`` or ``skip``.
-        batch_size: Training batch size (images per process; each gives two views). Contrastive losses like large
+        batch_size: Training batch size (images per process; each gives ``views`` views). Contrastive losses like large
             batches; under DDP the negatives come from every process's batch.
         eval_batch_size: Validation batch size; defaults to ``batch_size``.
         val_fraction: Fraction of training images held out for validation when ``val`` is missing.
@@ -104,6 +107,7 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         color_jitter: float = 0.4,
         grayscale_prob: float = 0.2,
         blur_prob: float = 0.5,
+        views: Literal[1, 2] = 2,
         on_bad_image: Literal["error", "skip"] = "error",
         batch_size: int = 256,
         eval_batch_size: int | None = None,
@@ -115,6 +119,9 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         self.save_hyperparameters(logger=False)
         if train is None:
             raise PtftError("give train images: data.init_args.train=<folder, zip or zip/folder>")
+        if views not in (1, 2):
+            raise PtftError(f"views must be 1 (MAE) or 2 (SimCLR, MoCo), got {views}")
+        self.views = views
         self.images = {"train": list_images(train, "train"), "val": list_images(val, "val") if val else None}
         self.image_size = image_size
         self.augment = {"scale": scale, "color_jitter": color_jitter, "grayscale_prob": grayscale_prob,
@@ -126,11 +133,12 @@ class UnlabeledImageDataModule(FineTuneDataModule):
         if hasattr(model, "data_config"):
             self.model_data_config = model.data_config()
 
-    def transform(self) -> TwoViews:
+    def transform(self) -> Any:
         cfg = self.model_data_config or {}
         size = self.image_size or cfg.get("input_size", (3, 224, 224))[-1]
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-        return TwoViews(contrastive_transform(size, mean, std, **self.augment))
+        transform = contrastive_transform(size, mean, std, **self.augment)
+        return TwoViews(transform) if self.views == 2 else transform
 
     # --- the base's hooks -----------------------------------------------------------------------------------
     def load_split(self, split: str) -> list[ImageSource] | None:
