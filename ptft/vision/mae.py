@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.core.layers import timm_layer_ids
-from ptft.core.module import FineTuneModule
 from ptft.vision.modules import create_timm_model
-from ptft.vision.pretrain import save_backbone
+from ptft.vision.pretrain import BackbonePretraining
 
 
 def patchify(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
@@ -134,7 +132,7 @@ class MAENet(nn.Module):
         return self.decoder(latent, restore, grid), mask
 
 
-class MAE(FineTuneModule):
+class MAE(BackbonePretraining):
     """Self-supervised masked-autoencoder pre-training (MAE, He et al., 2021) of a timm Vision Transformer.
 
     Each image is cut into the ViT's patches and a random ``mask_ratio`` of them is hidden. The encoder — the timm
@@ -163,6 +161,7 @@ class MAE(FineTuneModule):
     """
 
     checkpoint_monitor = ("val/loss", "min")
+    head_name = "decoder"
 
     def __init__(
         self,
@@ -207,14 +206,6 @@ class MAE(FineTuneModule):
         self.set_model(MAENet(backbone, decoder, mask_ratio))
         self._save_hparams(pretrained=False, pretrained_file=None)
 
-    def data_config(self) -> dict[str, Any]:
-        """The ViT's preprocessing (input size, mean, std) as timm resolves it."""
-        return dict(self._data_config)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled ViT features of ``pixel_values`` ``(B, C, H, W)``, every patch visible: the representation."""
-        return self.model.backbone(batch["pixel_values"])
-
     def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
         images = batch["pixel_values"]
         if images.ndim == 5:  # two views from a contrastive data module: MAE needs one
@@ -225,15 +216,5 @@ class MAE(FineTuneModule):
         pred, mask = self.model(images)
         return masked_patch_loss(pred, patchify(images, self.model.patch_size), mask, self.norm_pix_loss), None
 
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return ["decoder"]
-
-    def discover_layers(self, model: nn.Module) -> dict[str, int]:
-        ids = {f"backbone.{n}": i for n, i in timm_layer_ids(model.backbone).items()}
-        top = max(ids.values(), default=0) + 1
-        ids.update({f"decoder.{n}": top for n, _ in model.decoder.named_parameters()})
-        return ids
-
-    def save_model(self, model: nn.Module, folder: str) -> None:
-        """The encoder alone (the timm ViT) in timm's hub layout (``model.safetensors`` + ``config.json``)."""
-        save_backbone(model.backbone, folder)
+    def update_metrics(self, stage: str, outputs: Any, batch: dict[str, Any]) -> None:
+        """Nothing beyond the reconstruction loss (no positive pairs to score)."""

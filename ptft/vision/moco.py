@@ -17,13 +17,10 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.core.layers import timm_layer_ids
-from ptft.core.module import FineTuneModule
 from ptft.vision.modules import create_timm_model
-from ptft.vision.pretrain import ContrastiveNet, ProjectionHead, save_backbone
+from ptft.vision.pretrain import BackbonePretraining, ContrastiveNet, ProjectionHead
 
 
 def info_nce(
@@ -48,7 +45,7 @@ def momentum_at(step: int, total: int, base: float, schedule: Literal["constant"
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / total) + 1.0) / 2.0
 
 
-class MoCo(FineTuneModule):
+class MoCo(BackbonePretraining):
     """Self-supervised momentum-contrast pre-training (MoCo v2: He et al., 2020; Chen et al., 2020) of any timm backbone.
 
     A query encoder (backbone + MLP projection head) is trained to match each view's projection with the key of the
@@ -128,14 +125,6 @@ class MoCo(FineTuneModule):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._save_hparams(pretrained=False, pretrained_file=None)
 
-    def data_config(self) -> dict[str, Any]:
-        """The backbone's preprocessing (input size, mean, std) as timm resolves it."""
-        return dict(self._data_config)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled features of the query backbone for ``pixel_values`` ``(B, C, H, W)``: the representation."""
-        return self.model.backbone(batch["pixel_values"])
-
     def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
         views = batch["pixel_values"]
         if views.ndim != 5 or views.shape[1] != 2:
@@ -186,22 +175,3 @@ class MoCo(FineTuneModule):
         # of the same step, and the next keys come from the updated key encoder.
         super().optimizer_step(*args, **kwargs)
         self.update_key_encoder(self.current_momentum())
-
-    def update_metrics(self, stage: str, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
-        # Training: this rank's value per step; val / test: a mean over the epoch's views on every rank.
-        train = stage == "train"
-        self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0],
-                 on_step=train, on_epoch=not train, sync_dist=not train)
-
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return ["projector"]
-
-    def discover_layers(self, model: nn.Module) -> dict[str, int]:
-        ids = {f"backbone.{n}": i for n, i in timm_layer_ids(model.backbone).items()}
-        top = max(ids.values(), default=0) + 1
-        ids.update({f"projector.{n}": top for n, _ in model.projector.named_parameters()})
-        return ids
-
-    def save_model(self, model: nn.Module, folder: str) -> None:
-        """The query backbone alone in timm's hub layout (``model.safetensors`` + ``config.json``)."""
-        save_backbone(model.backbone, folder)

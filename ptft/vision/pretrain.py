@@ -206,7 +206,44 @@ def nt_xent(
     return F.cross_entropy(logits, targets), (logits.argmax(dim=1) == targets).float()
 
 
-class SimCLR(FineTuneModule):
+class BackbonePretraining(FineTuneModule):
+    """What SimCLR, MoCo and MAE share: a timm ``backbone`` under a pre-training head (``projector`` or ``decoder``),
+    its preprocessing, its pooled features as the representation, layers from timm with the head on top, and an
+    export of the backbone alone (:func:`save_backbone`). Subclasses set ``self._data_config`` and build the network.
+    """
+
+    #: The network's pre-training head, left out of exports and given the top layer index.
+    head_name = "projector"
+
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's preprocessing (input size, mean, std) as timm resolves it."""
+        return dict(self._data_config)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled backbone features of ``pixel_values`` ``(B, C, H, W)``: the representation, not the head's output."""
+        return self.model.backbone(batch["pixel_values"])
+
+    def update_metrics(self, stage: str, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
+        # Training: this rank's value per step; val / test: a mean over the epoch's views on every rank.
+        train = stage == "train"
+        self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0],
+                 on_step=train, on_epoch=not train, sync_dist=not train)
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return [self.head_name]
+
+    def discover_layers(self, model: nn.Module) -> dict[str, int]:
+        ids = {f"backbone.{n}": i for n, i in timm_layer_ids(model.backbone).items()}
+        top = max(ids.values(), default=0) + 1
+        ids.update({f"{self.head_name}.{n}": top for n, _ in getattr(model, self.head_name).named_parameters()})
+        return ids
+
+    def save_model(self, model: nn.Module, folder: str) -> None:
+        """The backbone alone in timm's hub layout (``model.safetensors`` + ``config.json``), the head left out."""
+        save_backbone(model.backbone, folder)
+
+
+class SimCLR(BackbonePretraining):
     """Self-supervised contrastive pre-training (SimCLR, Chen et al., 2020) of any timm backbone.
 
     Two augmented views of each image pass through the backbone and a projection head; NT-Xent pulls the two views
@@ -256,14 +293,6 @@ class SimCLR(FineTuneModule):
         self.set_model(ContrastiveNet(backbone, ProjectionHead(features, projection_hidden_dim or features, projection_dim)))
         self._save_hparams(pretrained=False, pretrained_file=None)
 
-    def data_config(self) -> dict[str, Any]:
-        """The backbone's preprocessing (input size, mean, std) as timm resolves it."""
-        return dict(self._data_config)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled backbone features of ``pixel_values`` ``(B, C, H, W)``: the representation, not the projection."""
-        return self.model.backbone(batch["pixel_values"])
-
     def step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, Any]:
         views = batch["pixel_values"]
         if views.ndim != 5 or views.shape[1] != 2:
@@ -280,25 +309,6 @@ class SimCLR(FineTuneModule):
         # all_gather would cut it); every rank's batch has the same size (Lightning's distributed samplers pad).
         all_z1, all_z2 = (self.all_gather(z_, sync_grads=True).flatten(0, 1) for z_ in (z1, z2))
         return nt_xent(z1, z2, self.temperature, all_z1, all_z2, rank=self.global_rank)
-
-    def update_metrics(self, stage: str, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
-        # Training: this rank's value per step; val / test: a mean over the epoch's views on every rank.
-        train = stage == "train"
-        self.log(f"{stage}/pos_acc", outputs.mean(), prog_bar=stage == "val", batch_size=outputs.shape[0],
-                 on_step=train, on_epoch=not train, sync_dist=not train)
-
-    def head_modules(self, model: nn.Module) -> list[str]:
-        return ["projector"]
-
-    def discover_layers(self, model: nn.Module) -> dict[str, int]:
-        ids = {f"backbone.{n}": i for n, i in timm_layer_ids(model.backbone).items()}
-        top = max(ids.values(), default=0) + 1
-        ids.update({f"projector.{n}": top for n, _ in model.projector.named_parameters()})
-        return ids
-
-    def save_model(self, model: nn.Module, folder: str) -> None:
-        """The backbone alone in timm's hub layout (``model.safetensors`` + ``config.json``), projection head left out."""
-        save_backbone(model.backbone, folder)
 
 
 # --- export -----------------------------------------------------------------------------------------------------
