@@ -153,7 +153,7 @@ def main() -> None:
         f"L2-SP to the task-1 model (l2_sp {args.l2_sp:g}, head rows included)": (
             "l2sp", f"l2sp{args.l2_sp:g}", [f"--model.init_args.l2_sp={args.l2_sp}"]),
         f"EWC (lambda {args.ewc:g}, Fisher of {min(1000, old_rows):,} task-1 training images)": (
-            "ewc", f"ewc{args.ewc:g}", ["--trainer.callbacks+=ptft.transfer.continual.EWC",
+            "ewc", f"ewc{args.ewc:g}", ["--trainer.callbacks+=ptft.transfer.EWC",
                                         f"--trainer.callbacks.strength={args.ewc}"]),
         **{f"replay ({r:g} of the task-1 training images: {round(r * old_rows):,})": (
             "replay", f"replay{r:g}", [f"{data}.replay={r}"]) for r in args.replay},

@@ -430,17 +430,26 @@ def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, An
     return {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in arguments.items()}
 
 
+def read_checkpoint(path: str, written_by_ptft: bool = True) -> dict[str, Any]:
+    """A checkpoint's dict (``weights_only`` loading, on CPU), or a one-line error for a missing file or, with
+    ``written_by_ptft``, a checkpoint no ptft module wrote (one without the module's class path)."""
+    from pathlib import Path
+
+    if not Path(path).expanduser().is_file():
+        raise PtftError(f"checkpoint {str(path)!r} does not exist")
+    checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    class_path = checkpoint.get("ptft_module") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if written_by_ptft and ("state_dict" not in checkpoint or not class_path):
+        raise PtftError(f"{path} was not written by a ptft module")
+    return checkpoint
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> FineTuneModule:
     """Loads any ptft checkpoint as the module class that saved it (``weights_only`` loading throughout)."""
     import importlib
-    from pathlib import Path
 
-    if not Path(path).is_file():
-        raise PtftError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    class_path = checkpoint.get("ptft_module") or checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if class_path is None:
-        raise PtftError(f"{path} was not written by a ptft module")
+    checkpoint = read_checkpoint(path)
+    class_path = checkpoint.get("ptft_module") or checkpoint["hyper_parameters"]["_class_path"]
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     return cls.load_from_checkpoint(path, map_location=map_location)

@@ -36,7 +36,7 @@ from torch.optim.swa_utils import get_swa_multi_avg_fn
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
-from ptft.core.module import FineTuneModule, load_checkpoint
+from ptft.core.module import FineTuneModule, load_checkpoint, read_checkpoint
 
 __all__ = ["HeldOutScore", "Soup", "greedy_soup", "soup_command", "uniform_soup"]
 
@@ -45,22 +45,12 @@ RUN_STATE = ("optimizer_states", "lr_schedulers", "callbacks")
 _running_mean = get_swa_multi_avg_fn()  # SWA's running mean: mean_{n+1} = lerp(mean_n, x, 1 / (n + 1)), in place
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """A ptft checkpoint's dict (``weights_only`` loading, on CPU)."""
-    if not Path(path).is_file():
-        raise PtftError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in checkpoint or "ptft_module" not in checkpoint:
-        raise PtftError(f"{path} was not written by a ptft module")
-    return checkpoint
-
-
 def check_ingredient(first: dict[str, Any], first_path: str, other: dict[str, Any], path: str) -> None:
     """One-line error when ``other`` cannot be averaged with ``first``: another module class, label order, weight
     names or shapes."""
     same = "soups need one architecture"
-    if other["ptft_module"] != first["ptft_module"]:
-        raise PtftError(f"{path} is a {other['ptft_module']}, {first_path} a {first['ptft_module']}: {same}")
+    if other.get("ptft_module") != first.get("ptft_module"):
+        raise PtftError(f"{path} is a {other.get('ptft_module')}, {first_path} a {first.get('ptft_module')}: {same}")
     labels = [c.get("hyper_parameters", {}).get("label_names") for c in (first, other)]
     if labels[0] != labels[1]:
         raise PtftError(f"{path} has labels {labels[1]}, {first_path} has {labels[0]}: soup ingredients share one label order")

@@ -160,7 +160,6 @@ class MAE(BackbonePretraining):
             ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
 
-    checkpoint_monitor = ("val/loss", "min")
     head_name = "decoder"
 
     def __init__(

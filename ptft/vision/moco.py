@@ -80,8 +80,6 @@ class MoCo(BackbonePretraining):
             ``l2_sp``, ``checkpoint_weights``, ``compile``). ``peft`` is not supported: MoCo trains the whole encoder.
     """
 
-    checkpoint_monitor = ("val/loss", "min")
-
     def __init__(
         self,
         model_name: str,

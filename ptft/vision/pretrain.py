@@ -212,6 +212,7 @@ class BackbonePretraining(FineTuneModule):
     export of the backbone alone (:func:`save_backbone`). Subclasses set ``self._data_config`` and build the network.
     """
 
+    checkpoint_monitor = ("val/loss", "min")
     #: The network's pre-training head, left out of exports and given the top layer index.
     head_name = "projector"
 
@@ -265,8 +266,6 @@ class SimCLR(BackbonePretraining):
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
             ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
     """
-
-    checkpoint_monitor = ("val/loss", "min")
 
     def __init__(
         self,

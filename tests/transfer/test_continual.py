@@ -16,7 +16,9 @@ from helpers import trainer
 from ptft.core.errors import PtftError
 from ptft.text import TextClassifier
 from ptft.transfer import continual
-from ptft.transfer.continual import EWC, ContinualDataModule, ContinueFrom, find_head, fisher_diagonal, load_previous
+from ptft.transfer import ewc as ewc_module
+from ptft.transfer.continual import ContinualDataModule, ContinueFrom, find_head, load_previous
+from ptft.transfer.ewc import EWC, fisher_diagonal
 from ptft.vision import ImageClassificationDataModule, ImageClassifier
 
 OLD, NEW = ["a", "b"], ["c", "d"]
@@ -186,7 +188,7 @@ def test_fisher_is_kept_on_resume_and_read_from_its_file(old_run, tmp_path, monk
     def no_fisher(*args, **kwargs):
         raise AssertionError("the Fisher was computed again")
 
-    monkeypatch.setattr(continual, "fisher_diagonal", no_fisher)
+    monkeypatch.setattr(ewc_module, "fisher_diagonal", no_fisher)
     _, resumed = fit(ckpt_path=str(tmp_path / "run.ckpt"), steps=3, data=old_data)
     for name, value in first.fisher.items():
         assert torch.equal(resumed.fisher[name], value) and torch.equal(resumed.anchor[name], first.anchor[name])
