@@ -1,0 +1,359 @@
+"""Where an image classifier looks: Grad-CAM / Grad-CAM++ heat maps (pytorch-grad-cam) and ViT attention rollout.
+
+Explains :class:`ptft.vision.ImageClassifier` (timm models). Heat maps are computed on the timm network itself
+(``module.model``) with the images as the batch holds them (normalised with ``module.data_config()``): horizontal-flip
+test-time augmentation (``tta: hflip``) is not part of the explanation (two passes through the network would give the
+target layer two activations), while the probability in each picture's title is the module's own (with TTA).
+
+* CNNs: Grad-CAM on the last feature stage (timm's ``feature_info[-1]``: ``layer4`` of a ResNet, ``stages.3`` of a
+  ConvNeXt).
+* timm ViTs (``VisionTransformer`` and its relatives: ``patch_embed`` + ``blocks``): Grad-CAM on the last block's
+  ``norm1`` with the prefix tokens (class, registers) dropped and the patch tokens laid out on the patch grid; and
+  attention rollout (:func:`vit_attention_rollout`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptft.core.errors import PtftError
+
+__all__ = [
+    "class_caption",
+    "class_probabilities",
+    "display_images",
+    "explaining",
+    "gradcam_files",
+    "gradcam_maps",
+    "gradcam_plus_plus_files",
+    "target_ids",
+    "vit_attention_files",
+    "vit_attention_rollout",
+]
+
+CamMethod = Literal["gradcam", "gradcam++"]
+
+
+# --- shared by the per-example explanations ---------------------------------------------------------------------
+@contextmanager
+def explaining(module: nn.Module) -> Iterator[None]:
+    """Evaluation mode with gradients on (also inside Lightning's ``inference_mode``), leaving no trace: every
+    submodule's training flag (a frozen BatchNorm stays in eval) and every parameter's ``.grad`` are restored."""
+    modes = {m: m.training for m in module.modules()}
+    grads = {p: p.grad for p in module.parameters()}
+    module.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+        for p, grad in grads.items():
+            p.grad = grad
+
+
+def target_ids(targets: torch.Tensor | Sequence[int], count: int, num_labels: int) -> list[int]:
+    """``targets`` as ``count`` class ids in ``[0, num_labels)``; a one-line error otherwise."""
+    ids = [int(t) for t in (targets.tolist() if isinstance(targets, torch.Tensor) else targets)]
+    if len(ids) != count:
+        raise PtftError(f"give one target class per example: {len(ids)} targets for {count} examples")
+    bad = [t for t in ids if not 0 <= t < num_labels]
+    if bad:
+        raise PtftError(f"target class {bad[0]} is not in [0, {num_labels}) (the model's classes)")
+    return ids
+
+
+def _fresh(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor (an inference-mode tensor cannot be saved for backward) that does not share the batch's."""
+    with torch.inference_mode(False):
+        return tensor.detach().clone()
+
+
+def _image_classifier(module: Any) -> nn.Module:
+    """The timm network of an ImageClassifier (under a PEFT wrapper, the wrapped model)."""
+    from ptft.vision.modules import ImageClassifier
+
+    if not isinstance(module, ImageClassifier):
+        raise PtftError(f"Grad-CAM and attention rollout explain ptft.vision.ImageClassifier models, not "
+                        f"{type(module).__name__}")
+    model = module.model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
+
+
+def display_images(module: Any, pixel_values: torch.Tensor) -> np.ndarray:
+    """The images as a person sees them: ``(B, H, W, 3)`` floats in [0, 1], the model's normalisation undone
+    (``module.data_config()`` mean and std); one-channel images are shown grey."""
+    config = module.data_config()
+    channels = pixel_values.shape[1]
+    mean = torch.tensor(config.get("mean", (0.0,) * 3), dtype=torch.float32)[:channels].view(1, -1, 1, 1)
+    std = torch.tensor(config.get("std", (1.0,) * 3), dtype=torch.float32)[:channels].view(1, -1, 1, 1)
+    images = (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
+    if channels == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+# --- Grad-CAM ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Layout:
+    """How a layer's output becomes the ``(B, C, h, w)`` maps pytorch-grad-cam weighs."""
+
+    channels: int | None = None  # known for timm's feature stages: tells NCHW from NHWC (Swin-like stages)
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None  # a ViT's patch grid: token sequences are laid out on it
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() == 3 and self.grid is not None:
+            patches = output[:, self.prefix_tokens:]
+            rows, cols = self.grid
+            if patches.shape[1] != rows * cols:
+                raise PtftError(f"the ViT gave {patches.shape[1]} patch tokens for a {rows}x{cols} patch grid: "
+                                "explain images of the size the model was built for")
+            return patches.reshape(len(patches), rows, cols, -1).permute(0, 3, 1, 2)
+        if output.dim() == 4:
+            if self.channels is not None and output.shape[1] != self.channels and output.shape[-1] == self.channels:
+                return output.permute(0, 3, 1, 2)
+            return output
+        raise PtftError(f"Grad-CAM needs a layer with a spatial output (B, C, h, w) or ViT tokens, got shape "
+                        f"{tuple(output.shape)}: choose another target_layer")
+
+
+def _target_layer(model: nn.Module, name: str | None) -> tuple[nn.Module, _Layout]:
+    """The layer Grad-CAM weighs and how its output is laid out: ``name`` when given, else the last ViT block's
+    ``norm1`` or the last feature stage timm reports."""
+    vit = _is_vit(model)
+    layout = _Layout()
+    if vit:
+        layout = _Layout(prefix_tokens=int(model.num_prefix_tokens), grid=tuple(model.patch_embed.grid_size))
+    if name is not None:
+        layers = dict(model.named_modules())
+        if name not in layers:
+            raise PtftError(f"target_layer {name!r} is not a submodule of {type(model).__name__}; e.g. "
+                            f"{[n for n, _ in model.named_children()]}")
+        return layers[name], layout
+    if vit:
+        return model.blocks[-1].norm1, layout
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise PtftError(f"{type(model).__name__} reports no feature stages (timm's feature_info): give target_layer")
+    last = info[-1]
+    layout.channels = last.get("num_chs")
+    return dict(model.named_modules())[last["module"]], layout
+
+
+def gradcam_maps(module: Any, pixel_values: torch.Tensor, targets: torch.Tensor | Sequence[int],
+                 method: CamMethod = "gradcam", target_layer: str | None = None) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al., 2017) or Grad-CAM++ (Chattopadhay et al., 2018) heat maps of an ImageClassifier.
+
+    Args:
+        module: A :class:`ptft.vision.ImageClassifier`.
+        pixel_values: ``(B, C, H, W)`` images normalised as the model expects (the batch's ``pixel_values``).
+        targets: The class to explain for each image.
+        method: ``gradcam`` or ``gradcam++``.
+        target_layer: Name of the submodule of the timm model whose activations are weighed (``layer3``,
+            ``stages.2``, ``blocks.5.norm1``); by default the last feature stage, or the last ViT block's ``norm1``.
+
+    Returns:
+        ``(B, H, W)`` maps in [0, 1] (each scaled to its own maximum) at the input resolution, on the CPU.
+    """
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if method not in ("gradcam", "gradcam++"):
+        raise PtftError(f"method must be 'gradcam' or 'gradcam++', got {method!r}")
+    model = _image_classifier(module)
+    layer, layout = _target_layer(model, target_layer)
+    ids = target_ids(targets, len(pixel_values), module.num_labels)
+    cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    with explaining(module):
+        # An input that requires grad: the target layer's output needs a gradient even when the backbone is frozen.
+        images = _fresh(pixel_values).requires_grad_(True)
+        with cam_class(module.model, [layer], reshape_transform=layout) as cam:
+            maps = cam(images, targets=[ClassifierOutputTarget(t) for t in ids])
+    return torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+
+
+def class_probabilities(module: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The module's class probabilities for ``batch`` (evaluation mode, as it predicts)."""
+    with explaining(module), torch.no_grad():
+        return module(batch).float().softmax(dim=-1).cpu()
+
+
+def class_caption(module: Any, probs: torch.Tensor, target: int) -> str:
+    """``target class (p=…)`` and the predicted class when it differs."""
+    names = module.label_names
+    text = f"{names[target]} (p={float(probs[target]):.2f})"
+    predicted = int(probs.argmax())
+    return text if predicted == target else f"{text}; predicted {names[predicted]} (p={float(probs[predicted]):.2f})"
+
+
+def _overlay_files(module: Any, batch: dict[str, Any], targets: list[int], heat: torch.Tensor, folder: str | Path,
+                   first_index: int, suffix: str, title: str) -> list[Path]:
+    """One PNG per image: the image, and ``heat`` (``(B, h, w)``, upsampled to the image, scaled to [0, 1]) over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    from ptft.interpret.output import save_figure
+
+    images = display_images(module, batch["pixel_values"])
+    heat = F.interpolate(heat.unsqueeze(1).float(), size=images.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
+    heat = heat / heat.flatten(1).amax(1).clamp(min=1e-12).view(-1, 1, 1)
+    probs = class_probabilities(module, batch)
+    paths = []
+    for i, (image, target) in enumerate(zip(images, targets)):
+        figure, (left, right) = plt.subplots(1, 2, figsize=(6, 3.4))
+        left.imshow(image)
+        left.set_title("input", fontsize=9)
+        right.imshow(show_cam_on_image(image.astype(np.float32), heat[i].clamp(0, 1).numpy(), use_rgb=True))
+        right.set_title(title, fontsize=9)
+        for axis in (left, right):
+            axis.axis("off")
+        figure.suptitle(class_caption(module, probs[i], target), fontsize=10)
+        paths.append(save_figure(figure, Path(folder) / f"{first_index + i:04d}-{suffix}.png"))
+    return paths
+
+
+def _cam_files(method: CamMethod) -> Callable[..., list[Path]]:
+    def files(module: Any, batch: dict[str, Any], targets: torch.Tensor | Sequence[int], folder: str | Path,
+              first_index: int) -> list[Path]:
+        _image_classifier(module)
+        ids = target_ids(targets, len(batch["pixel_values"]), module.num_labels)
+        maps = gradcam_maps(module, batch["pixel_values"], ids, method=method)
+        return _overlay_files(module, batch, ids, maps, folder, first_index, method, "Grad-CAM" + method[7:])
+
+    return files
+
+
+def gradcam_files(module: Any, batch: dict[str, Any], targets: torch.Tensor | Sequence[int], folder: str | Path,
+                  first_index: int) -> list[Path]:
+    """Grad-CAM of each image of ``batch`` for its target class: ``{index:04d}-gradcam.png`` in ``folder`` (the image,
+    the heat map over it, the target class and its probability)."""
+    return _cam_files("gradcam")(module, batch, targets, folder, first_index)
+
+
+def gradcam_plus_plus_files(module: Any, batch: dict[str, Any], targets: torch.Tensor | Sequence[int],
+                            folder: str | Path, first_index: int) -> list[Path]:
+    """Grad-CAM++ pictures as :func:`gradcam_files`, named ``{index:04d}-gradcam++.png``."""
+    return _cam_files("gradcam++")(module, batch, targets, folder, first_index)
+
+
+# --- attention rollout ------------------------------------------------------------------------------------------
+def _vit(module: Any) -> nn.Module:
+    model = _image_classifier(module)
+    blocks = getattr(model, "blocks", None)
+    if not _is_vit(model) or not blocks or not all(
+            hasattr(b, "attn") and hasattr(b.attn, "fused_attn") and hasattr(b.attn, "attn_drop") for b in blocks):
+        raise PtftError(f"attention rollout explains timm Vision Transformers (vit_*, deit_*: patch_embed + blocks of "
+                        f"timm Attention), not {type(model).__name__}; use --method gradcam")
+    return model
+
+
+def _attention_probabilities(module: Any, model: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Every block's ``(B, heads, N, N)`` attention probabilities for ``pixel_values``.
+
+    timm's ``Attention`` computes them only on its unfused path (the fused one calls SDPA, which never exposes them):
+    each block runs unfused for this pass, the input of its ``attn_drop`` is recorded, and the flags are restored.
+    """
+    captured: list[torch.Tensor] = []
+    flags = [block.attn.fused_attn for block in model.blocks]
+    handles = [block.attn.attn_drop.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+               for block in model.blocks]
+    try:
+        for block in model.blocks:
+            block.attn.fused_attn = False
+        with explaining(module), torch.no_grad():
+            module.model(_fresh(pixel_values))
+    finally:
+        for block, flag in zip(model.blocks, flags):
+            block.attn.fused_attn = flag
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020) of per-layer ``(B, heads, N, N)`` attention: heads fused, the
+    residual path added as the identity, rows renormalised, layers multiplied. Returns ``(B, N, N)``: row ``i`` is how
+    much each input token flows into output token ``i``.
+
+    ``discard_ratio`` zeroes that fraction of each fused matrix's weakest entries (never token 0 attending to itself),
+    as jacobgil/vit-explain does to sharpen the maps.
+    """
+    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
+    if head_fusion not in fuse:
+        raise PtftError(f"head_fusion must be one of {sorted(fuse)}, got {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise PtftError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    result = None
+    for attention in attentions:
+        fused = fuse[head_fusion](attention.float())
+        batch, tokens, _ = fused.shape
+        if discard_ratio > 0:
+            flat = fused.flatten(1)
+            weakest = flat.topk(int(flat.shape[1] * discard_ratio), dim=1, largest=False).indices
+            kept = flat[:, :1].clone()
+            flat = flat.scatter(1, weakest, 0.0)
+            flat[:, :1] = kept
+            fused = flat.view(batch, tokens, tokens)
+        step = fused + torch.eye(tokens, device=fused.device)
+        step = step / step.sum(-1, keepdim=True)
+        result = step if result is None else step @ result
+    if result is None:
+        raise PtftError("the model has no attention blocks to roll out")
+    return result
+
+
+def vit_attention_rollout(module: Any, pixel_values: torch.Tensor, head_fusion: str = "mean",
+                          discard_ratio: float = 0.0) -> torch.Tensor:
+    """Attention rollout of a timm ViT ImageClassifier: how much each image patch flows into the class token.
+
+    Class-agnostic (attention does not depend on the target). Models pooled over patches instead of a class token
+    (``class_token=False``) get the mean of the patch tokens' rows.
+
+    Args:
+        module: A :class:`ptft.vision.ImageClassifier` with a timm Vision Transformer.
+        pixel_values: ``(B, C, H, W)`` normalised images.
+        head_fusion: How heads combine in each layer: ``mean``, ``max`` or ``min``.
+        discard_ratio: Fraction of the weakest attention weights zeroed in each layer (0: none).
+
+    Returns:
+        ``(B, grid_h, grid_w)`` non-negative rollout weights on the CPU (a class-token row sums to at most 1 over
+        the patches; the prefix tokens take the rest).
+    """
+    model = _vit(module)
+    flow = rollout(_attention_probabilities(module, model, pixel_values), head_fusion, discard_ratio)
+    prefix = int(model.num_prefix_tokens)
+    if getattr(model, "cls_token", None) is not None:  # timm puts the class token first, then registers
+        row = flow[:, 0, prefix:]
+    else:
+        row = flow[:, prefix:, prefix:].mean(1)
+    rows, cols = model.patch_embed.grid_size
+    if row.shape[1] != rows * cols:
+        raise PtftError(f"the ViT gave {row.shape[1]} patch tokens for a {rows}x{cols} patch grid: explain images "
+                        "of the size the model was built for")
+    return row.reshape(len(row), rows, cols).cpu()
+
+
+def vit_attention_files(module: Any, batch: dict[str, Any], targets: torch.Tensor | Sequence[int], folder: str | Path,
+                        first_index: int) -> list[Path]:
+    """Attention rollout over each image of ``batch``: ``{index:04d}-attention.png`` in ``folder``. The rollout does
+    not depend on the target; the title names it (and its probability) as the other methods do."""
+    _vit(module)
+    ids = target_ids(targets, len(batch["pixel_values"]), module.num_labels)
+    flow = vit_attention_rollout(module, batch["pixel_values"])
+    return _overlay_files(module, batch, ids, flow, folder, first_index, "attention", "attention rollout")
