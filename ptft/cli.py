@@ -25,9 +25,12 @@ USAGE = """usage: ptft COMMAND [options]
   ptft quickstart [--key=value ...]               fine-tune a small model on shipped reviews (CPU, minutes)
   ptft inspect-layers --config RECIPE             layer index and learning rate of every parameter
   ptft lr-find --config RECIPE                    learning-rate range test (keeps layer-decay / head-lr ratios)
-  ptft export [--backbone] CKPT OUTPUT            a plain model folder (or a vision backbone) from a checkpoint
+  ptft export [--backbone] CKPT OUTPUT            a plain model folder (or a vision backbone) from a checkpoint;
+              [--format onnx|onnx-int8]           or ONNX (+ int8) with an onnxruntime parity check
   ptft ensemble --config RECIPE --checkpoints A B  mean class probabilities of checkpoints (--split, --output)
   ptft soup --checkpoints A B --output SOUP        average fine-tuned weights (--method uniform|greedy --config)
+  ptft explain --ckpt_path CKPT --method METHOD    why the model decides: gradcam, ig, attention, saliency, shap,
+                                                  tsne, errors (--config, --num_samples, --output; files + W&B)
 
 RECIPE is a YAML file, or the name of a shipped recipe (text/sst2.yaml, recipes/text/sst2.yaml) when no such file
 exists in the current folder. `ptft fit --ckpt_path last` resumes the newest last.ckpt of the recipe's runs.

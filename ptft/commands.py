@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from ptft.core.data import FineTuneDataModule
 from ptft.core.errors import PtftError
-from ptft.core.module import FineTuneModule, load_checkpoint
+from ptft.core.module import FineTuneModule
 from ptft.core.precision import ENV as PRECISION_ENV
 from ptft.core.precision import Trainer, resolve_precision
 
@@ -397,25 +397,10 @@ def lr_overrides(suggestion: float, lr: float, head_lr: float | None) -> str:
 
 
 def export(args: list[str]) -> None:
-    """``ptft export CKPT OUTPUT``: a plain model folder (adapters merged) loadable without ptft.
+    """``ptft export [--backbone] [--format hf|onnx|onnx-int8] CKPT OUTPUT``; see :func:`ptft.compress.command.export_command`."""
+    from ptft.compress.command import export_command
 
-    ``ptft export --backbone CKPT OUTPUT``: the backbone of a vision checkpoint alone (timm layout, head dropped),
-    to start another run with ``--model.pretrained_file``.
-    """
-    parser = argparse.ArgumentParser(prog="ptft export", description=export.__doc__)
-    parser.add_argument("ckpt_path", help="a ptft checkpoint")
-    parser.add_argument("output", help="folder to write (save_pretrained / timm layout, safetensors)")
-    parser.add_argument("--backbone", action="store_true", help="write the backbone alone (vision checkpoints)")
-    own = parser.parse_args(args)
-    if own.backbone:
-        from ptft.vision.pretrain import export_backbone
-
-        path = export_backbone(own.ckpt_path, own.output)
-        print(f"backbone written to {path}; fine-tune with --model.pretrained_file={path}")
-        return
-    module = load_checkpoint(own.ckpt_path)
-    module.export(own.output)
-    print(f"exported {type(module).__name__} to {own.output}")
+    export_command(args)
 
 
 def ensemble(args: list[str]) -> None:
@@ -432,6 +417,13 @@ def soup(args: list[str]) -> None:
     soup_command(args)
 
 
+def explain(args: list[str]) -> None:
+    """``ptft explain --ckpt_path CKPT --method METHOD``; see :func:`ptft.interpret.command.explain_command`."""
+    from ptft.interpret.command import explain_command
+
+    explain_command(args)
+
+
 @contextmanager
 def no_argv() -> Iterator[None]:
     """The command's own arguments replace the command line (LightningCLI would read ``sys.argv`` otherwise)."""
@@ -444,4 +436,4 @@ def no_argv() -> Iterator[None]:
 
 
 COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export,
-            "ensemble": ensemble, "soup": soup}
+            "ensemble": ensemble, "soup": soup, "explain": explain}
