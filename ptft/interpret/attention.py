@@ -14,18 +14,17 @@ from typing import Any, Sequence
 import torch
 
 from ptft.core.errors import PtftError
+from ptft.interpret.common import class_probabilities, target_ids
 from ptft.interpret.output import save_figure
 from ptft.interpret.text import (
     FONT_SIZE,
     Token,
     WRAP_WIDTH,
-    class_probabilities,
     draw_highlighted,
     hf_attentions,
     highlighted_html,
     real_tokens,
     rollout,
-    target_list,
     text_height,
     titles,
     tokenizer_of,
@@ -67,7 +66,7 @@ def text_attention_files(
     """Per example ``{index:04d}-attention.png`` (rollout-highlighted text above the last layer's head-averaged
     attention, at most :data:`MAX_HEATMAP_TOKENS` tokens a side) and ``{index:04d}-attention.html`` (the rollout),
     titled with the target class and its probability. Padding is left out."""
-    ids = target_list(targets, batch["input_ids"].shape[0])
+    ids = target_ids(targets, batch["input_ids"].shape[0], module.num_labels)
     mask = batch.get("attention_mask")
     mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
     attentions = hf_attentions(module, batch)  # one forward pass for both pictures

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ptft.core.errors import PtftError
-from ptft.interpret.vision import explaining, target_ids
+from ptft.interpret.common import explaining, target_ids
 
 __all__ = ["input_x_gradient", "saliency_files", "saliency_maps", "stft_input_x_gradient"]
 
@@ -198,7 +198,8 @@ def saliency_files(module: Any, batch: dict[str, Any], targets: torch.Tensor | S
     import matplotlib.pyplot as plt
 
     from ptft.interpret.output import save_figure
-    from ptft.interpret.vision import class_caption, class_probabilities
+    from ptft.interpret.common import class_probabilities
+    from ptft.interpret.vision import class_caption
 
     explained = _explain(module, batch, targets)
     ids = target_ids(targets, len(explained.saliency), module.num_labels)

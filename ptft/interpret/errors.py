@@ -390,6 +390,8 @@ def write_error_report(module: Any, predictions: Predictions, fetch: Callable[[i
     Returns:
         The paths by name: ``confusion``, ``confusion_csv``, ``per_class``, ``mistakes``, ``mistakes_csv``.
     """
+    if top_k < 1:
+        raise PtftError(f"the number of mistakes to show must be >= 1, got {top_k}")
     folder = Path(folder)
     names = list(module.label_names)
     probs, labels = predictions.probs, predictions.labels
@@ -411,12 +413,14 @@ def write_error_report(module: Any, predictions: Predictions, fetch: Callable[[i
     return paths
 
 
-def error_files(module: Any, loader: DataLoader, folder: str | Path, num_samples: int) -> list[Path]:
-    """The ``errors`` split method: every example of ``loader`` scored, ``num_samples`` most confident mistakes shown.
+def error_files(module: Any, loader: DataLoader, folder: str | Path, num_samples: int | None) -> list[Path]:
+    """The ``errors`` split method: every example of ``loader`` scored, ``num_samples`` most confident mistakes shown
+    (``None`` or 0: 16).
 
     Writes ``confusion.png`` (counts, row-normalised, per-class bars), ``confusion.csv`` (counts), ``per_class.csv`` (precision, recall, F1,
     support), ``mistakes.png`` and ``mistakes.csv`` (dataset index, label, prediction, probability, the input).
     """
     predictions = collect_predictions(module, loader)
-    paths = write_error_report(module, predictions, lambda index: fetch_example(loader, index), folder, num_samples)
+    paths = write_error_report(module, predictions, lambda index: fetch_example(loader, index), folder,
+                               num_samples or 16)
     return list(paths.values())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
+from ptft.interpret.common import class_probabilities, explaining, target_ids
 from ptft.interpret.output import save_figure
 
 __all__ = [
@@ -83,32 +84,6 @@ def tokenizer_of(module: Any) -> Any:
     return tokenizer
 
 
-def target_list(targets: torch.Tensor | Sequence[int], size: int) -> list[int]:
-    """``targets`` as a list of ``size`` class ids."""
-    ids = targets.tolist() if isinstance(targets, torch.Tensor) else [int(t) for t in targets]
-    if len(ids) != size:
-        raise PtftError(f"{len(ids)} targets given for a batch of {size} examples")
-    return ids
-
-
-@contextmanager
-def evaluating(module: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) with gradients allowed, even inside ``torch.inference_mode``; restores the mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        module.train(was_training)
-
-
-def class_probabilities(module: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """``(batch, classes)`` softmax of the module's logits, in eval mode."""
-    with evaluating(module), torch.no_grad():
-        return module(model_inputs(batch)).float().softmax(dim=-1).cpu()
-
-
 def titles(module: Any, probs: torch.Tensor, targets: list[int], method: str) -> list[str]:
     """``"<method>: <class> (p = 0.93)"`` per example."""
     names = module.label_names
@@ -158,13 +133,13 @@ def integrated_gradients(
     check_text_classifier(module, "ig")
     inputs = model_inputs(batch)
     keys = list(inputs)
-    ids = target_list(targets, inputs["input_ids"].shape[0])
+    ids = target_ids(targets, inputs["input_ids"].shape[0], module.num_labels)
     reference = baseline_ids(inputs["input_ids"], tokenizer_of(module), baseline)
 
     def forward(input_ids: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
         return module(dict(zip(keys, (input_ids, *others))))
 
-    with evaluating(module):
+    with explaining(module):
         explainer = LayerIntegratedGradients(forward, hf_model(module).get_input_embeddings())
         attributions, delta = explainer.attribute(
             inputs["input_ids"], baselines=reference, target=ids, n_steps=n_steps,
@@ -180,7 +155,7 @@ def integrated_gradients_files(
     """Per example ``{index:04d}-ig.html`` and ``{index:04d}-ig.png``: the text with each token highlighted by its
     integrated-gradients attribution (:func:`integrated_gradients`, pad baseline), titled with the target class and
     its probability. Padding is left out; [CLS] / [SEP] are shown (their attribution is 0 by construction)."""
-    ids = target_list(targets, batch["input_ids"].shape[0])
+    ids = target_ids(targets, batch["input_ids"].shape[0], module.num_labels)
     attributions, delta = integrated_gradients(module, batch, ids)
     probs = class_probabilities(module, batch)
     tokenizer = tokenizer_of(module)
@@ -225,7 +200,7 @@ def shap_values(
     check_text_classifier(module, "shap")
     if batch.get("token_type_ids") is not None and bool((batch["token_type_ids"] > 0).any()):
         raise PtftError("method 'shap' explains single texts; for sentence pairs use 'ig'")
-    ids = target_list(targets, batch["input_ids"].shape[0])
+    ids = target_ids(targets, batch["input_ids"].shape[0], module.num_labels)
     tokenizer = tokenizer_of(module)
     texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
     device = batch["input_ids"].device
@@ -236,7 +211,7 @@ def shap_values(
         with torch.no_grad():
             return module(inputs).float().softmax(dim=-1).cpu().numpy()
 
-    with evaluating(module):
+    with explaining(module):
         explainer = shap.Explainer(predict, shap.maskers.Text(tokenizer), output_names=module.label_names,
                                    algorithm="partition")
         explanation = explainer(texts, max_evals=max_evals, silent=True)
@@ -256,7 +231,7 @@ def shap_files(
     works offline) and ``{index:04d}-shap.png`` (the text highlighted by SHAP value, as :func:`highlighted_png`), titled
     with the target class and its probability. Needs ``shap`` (``pip install 'ptft[interpret]'``); text only."""
     check_text_classifier(module, "shap")
-    ids = target_list(targets, batch["input_ids"].shape[0])
+    ids = target_ids(targets, batch["input_ids"].shape[0], module.num_labels)
     heads = titles(module, class_probabilities(module, batch), ids, "SHAP")
     paths: list[Path] = []
     for i, (pieces, values, page) in enumerate(shap_values(module, batch, ids, max_evals)):
@@ -309,7 +284,7 @@ def hf_attentions(module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, ...
         raise PtftError(f"attention maps need a Hugging Face transformer module, not {type(module).__name__}")
     model = hf_model(module)
     inputs = model_inputs(batch)
-    with evaluating(module), torch.no_grad(), eager_attention(model):
+    with explaining(module), torch.no_grad(), eager_attention(model):
         out = model(**inputs, output_attentions=True)
     attentions = getattr(out, "attentions", None)
     if not attentions:

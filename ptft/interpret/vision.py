@@ -14,10 +14,9 @@ target layer two activations), while the probability in each picture's title is 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -25,50 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptft.core.errors import PtftError
+from ptft.interpret.common import class_probabilities, explaining, target_ids
 
 __all__ = [
     "class_caption",
-    "class_probabilities",
     "display_images",
-    "explaining",
     "gradcam_files",
     "gradcam_maps",
     "gradcam_plus_plus_files",
-    "target_ids",
     "vit_attention_files",
     "vit_attention_rollout",
 ]
 
 CamMethod = Literal["gradcam", "gradcam++"]
-
-
-# --- shared by the per-example explanations ---------------------------------------------------------------------
-@contextmanager
-def explaining(module: nn.Module) -> Iterator[None]:
-    """Evaluation mode with gradients on (also inside Lightning's ``inference_mode``), leaving no trace: every
-    submodule's training flag (a frozen BatchNorm stays in eval) and every parameter's ``.grad`` are restored."""
-    modes = {m: m.training for m in module.modules()}
-    grads = {p: p.grad for p in module.parameters()}
-    module.eval()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-        for p, grad in grads.items():
-            p.grad = grad
-
-
-def target_ids(targets: torch.Tensor | Sequence[int], count: int, num_labels: int) -> list[int]:
-    """``targets`` as ``count`` class ids in ``[0, num_labels)``; a one-line error otherwise."""
-    ids = [int(t) for t in (targets.tolist() if isinstance(targets, torch.Tensor) else targets)]
-    if len(ids) != count:
-        raise PtftError(f"give one target class per example: {len(ids)} targets for {count} examples")
-    bad = [t for t in ids if not 0 <= t < num_labels]
-    if bad:
-        raise PtftError(f"target class {bad[0]} is not in [0, {num_labels}) (the model's classes)")
-    return ids
 
 
 def _fresh(tensor: torch.Tensor) -> torch.Tensor:
@@ -183,12 +151,6 @@ def gradcam_maps(module: Any, pixel_values: torch.Tensor, targets: torch.Tensor 
         with cam_class(module.model, [layer], reshape_transform=layout) as cam:
             maps = cam(images, targets=[ClassifierOutputTarget(t) for t in ids])
     return torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-
-
-def class_probabilities(module: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """The module's class probabilities for ``batch`` (evaluation mode, as it predicts)."""
-    with explaining(module), torch.no_grad():
-        return module(batch).float().softmax(dim=-1).cpu()
 
 
 def class_caption(module: Any, probs: torch.Tensor, target: int) -> str:
