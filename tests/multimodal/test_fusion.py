@@ -169,3 +169,25 @@ def test_two_processes_train_every_parameter_and_score_like_one(tiny_bert, vqa, 
     after = trainer(tmp_path).validate(model, data, verbose=False)[0]
     assert again["val/acc"] == pytest.approx(after["val/acc"]) and again["val/loss"] == pytest.approx(after["val/loss"], rel=1e-5)
     assert single["val/loss"] != after["val/loss"]  # the 2-process steps trained it
+
+
+def test_embeddings_and_error_analysis_of_a_fusion_classifier(tiny_bert, vqa, tmp_path):
+    """The modality-agnostic explanations (ptft.interpret) read a two-tower model: the fused vector the classifier
+    sees, and mistakes drawn with their text and image."""
+    from ptft.interpret.embeddings import head_linear, pooled_embeddings, tsne_files
+    from ptft.interpret.errors import error_files
+
+    data = vqa_data(vqa)
+    model = image_model(tiny_bert, data)
+    data.setup("fit")
+    loader = data.val_dataloader()
+    embeddings, labels = pooled_embeddings(model, loader)
+    _, linear = head_linear(model)
+    assert embeddings.shape == (len(data.val_dataloader().dataset), linear.in_features) and len(labels) == len(embeddings)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        logits = model.eval()(batch)
+    torch.testing.assert_close(linear(embeddings[: len(logits)]), logits, rtol=1e-4, atol=1e-5)
+    names = {p.name for p in error_files(model, loader, tmp_path / "errors", 4)}
+    names |= {p.name for p in tsne_files(model, loader, tmp_path / "tsne", None, before=None)}
+    assert {"confusion.png", "mistakes.png", "per_class.csv", "embeddings-tsne.png"} <= names
