@@ -6,7 +6,7 @@ axes, and one output, ``logits``. torch's dynamo exporter (``torch.export``) is 
 traces Hugging Face's attention-mask code with Python conditionals frozen, and its BERT graph differed by 1e-2 from
 PyTorch on padded batches.
 
-The int8 file (:func:`quantize_onnx_int8`) is onnxruntime's ``quantize_dynamic``: int8 weights of MatMul / Gemm
+The int8 file (:func:`quantize_onnx_int8`) is onnxruntime's ``quantize_dynamic``: int8 weights of MatMul, Gather (embeddings) and Conv
 nodes, activations quantized per batch at run time. It is the deployable int8 model (no PyTorch needed, safe to
 load); :func:`ptft.compress.quantize.quantize_dynamic_int8` is the in-process one.
 """

@@ -147,6 +147,7 @@ class Pruning(ModelPruning):
             parameter_names=["weight"],
             use_global_unstructured=global_unstructured,
             make_pruning_permanent=True,  # checkpoints must load into the plain module: never saved with masks
+            use_lottery_ticket_hypothesis=False,  # its default keeps a deep copy of every pruned layer, unused here
             verbose=verbose,
         )
 

@@ -192,9 +192,6 @@ def saliency_files(module: Any, batch: dict[str, Any], targets: torch.Tensor | S
                    first_index: int) -> list[Path]:
     """Per clip ``{index:04d}-saliency.png`` in ``folder``: the spectrogram, and the saliency over it (padding cut),
     titled with the target class and its probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ptft.interpret.output import save_figure

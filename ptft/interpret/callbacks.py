@@ -7,19 +7,18 @@ run logs there. Neither runs during Lightning's sanity check.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from ptft.core.errors import PtftError
+from ptft.interpret.common import explaining
 from ptft.interpret.errors import (
     Predictions,
     batch_index_lists,
-    evaluating,
     example_probs,
     fetch_example,
     to_device,
@@ -92,6 +91,8 @@ class ErrorAnalysis(L.Callback):
         unknown = sorted(set(stages) - set(STAGES))
         if unknown or every_n_epochs < 1:
             raise PtftError(f"ErrorAnalysis: stages must be among {list(STAGES)} (got {unknown}) and every_n_epochs >= 1")
+        if top_k < 1:
+            raise PtftError(f"ErrorAnalysis: top_k (mistakes shown) must be >= 1, got {top_k}")
         self.every_n_epochs = every_n_epochs
         self.top_k = top_k
         self.stages = stages
@@ -203,18 +204,6 @@ class ErrorAnalysis(L.Callback):
         self._finish(trainer, pl_module, "test")
 
 
-@contextlib.contextmanager
-def _kept_gradients(module: torch.nn.Module) -> Iterator[None]:
-    """Puts back every parameter's ``.grad`` after the block: an explanation's backward passes must not add to the
-    gradients a training step (or gradient accumulation) is building."""
-    saved = [(p, p.grad) for p in module.parameters()]
-    try:
-        yield
-    finally:
-        for param, grad in saved:
-            param.grad = grad
-
-
 def _plain_loader(loader: DataLoader) -> DataLoader:
     """A sequential loader over ``loader``'s whole dataset (no distributed sampler: rank 0 sees every example)."""
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
@@ -276,8 +265,7 @@ class ExplainCallback(L.Callback):
             raise PtftError(f"ExplainCallback: the trainer has no {self.split} loader")
         folder = root / "explain" / f"{self.method}-epoch{trainer.current_epoch}"
         # The validation loop's inference mode (or no_grad) is still on here: attribution needs gradients.
-        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]), \
-                evaluating(pl_module), _kept_gradients(pl_module):
+        with torch.random.fork_rng(devices=[]), explaining(pl_module):  # gradients on, modes and .grad restored
             paths = self.explain(pl_module, loaders[0], folder)
         pngs = [p for p in paths if Path(p).suffix == ".png"]
         log_images(trainer.loggers, f"explain/{self.method}", pngs, step=trainer.global_step)
@@ -287,8 +275,9 @@ class ExplainCallback(L.Callback):
         from ptft import interpret
 
         function, is_split = interpret.method_function(self.method)
-        if is_split:
-            return list(function(pl_module, _plain_loader(loader), folder, self.num_samples))
+        if is_split:  # t-SNE without "before": rebuilding the pretrained model every epoch would cost a model load
+            extra = {"before": None} if self.method == "tsne" else {}
+            return list(function(pl_module, _plain_loader(loader), folder, self.num_samples, **extra))
         count = min(self.num_samples, len(loader.dataset))
         batch = to_device(loader.collate_fn([loader.dataset[i] for i in range(count)]), pl_module.device)
         with torch.no_grad():

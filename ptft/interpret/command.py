@@ -162,6 +162,9 @@ def explain_command(args: list[str]) -> None:
         raise PtftError(f"checkpoint not found: {own.ckpt_path}")
     from ptft.transfer.ensemble import data_from_config, has_config, split_loader
 
+    function, is_split = method_function(own.method)  # unknown methods / missing extras fail before any work
+    if not is_split and own.num_samples == 0:
+        raise PtftError(f"--num_samples must be >= 1 for {own.method!r} (it explains single examples)")
     folder = Path(own.output) if own.output else default_output(own.ckpt_path, own.method)
     if not has_config(rest):
         saved = saved_run_config(own.ckpt_path)
@@ -169,7 +172,6 @@ def explain_command(args: list[str]) -> None:
             raise PtftError("give --config RECIPE (the recipe the checkpoint was trained with): no config.yaml was "
                             f"found in the run folder of {own.ckpt_path}")
         rest = ["--config", str(recipe_of_run(saved, folder)), *rest]
-    function, is_split = method_function(own.method)  # unknown methods / missing extras fail before loading
     module = load_checkpoint(own.ckpt_path)
     loader = split_loader(data_from_config(rest), own.split, module)
     folder.mkdir(parents=True, exist_ok=True)

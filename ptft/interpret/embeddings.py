@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ptft.core.errors import PtftError
-from ptft.interpret.errors import evaluating, indexed_batches, labels_of, to_device
+from ptft.interpret.common import explaining
+from ptft.interpret.errors import indexed_batches, labels_of, to_device
 from ptft.interpret.output import save_figure, write_csv
 
 __all__ = ["head_linear", "pooled_embeddings", "tsne_figure", "pretrained_counterpart", "tsne_files"]
@@ -72,7 +73,7 @@ def pooled_embeddings(module: Any, loader: DataLoader, max_examples: int | None 
     embeddings, labels, seen = [], [], 0
     handle = layer.register_forward_pre_hook(capture)
     try:
-        with evaluating(module), torch.no_grad():
+        with explaining(module), torch.no_grad():
             for _, batch in indexed_batches(loader):
                 batch = to_device(batch, module.device)
                 captured.clear()

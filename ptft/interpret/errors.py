@@ -10,7 +10,6 @@ loader's dataset when it is drawn, so memory stays at ``(N, num_labels)`` probab
 
 from __future__ import annotations
 
-import contextlib
 import math
 import textwrap
 import weakref
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from ptft.core.errors import PtftError
+from ptft.interpret.common import explaining
 from ptft.interpret.output import save_figure, write_csv
 
 __all__ = [
@@ -40,17 +40,6 @@ __all__ = [
 
 
 # --- running a module over a loader -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def evaluating(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) for the block; the module's training flag is restored after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     """A collated batch moved to ``device`` (dicts, tokenizer ``BatchEncoding``, lists of tensors)."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -146,7 +135,7 @@ def collect_predictions(module: Any, loader: DataLoader, max_examples: int | Non
         max_examples: Stop after this many examples (``None``: the whole split).
     """
     probs, labels, indices, seen = [], [], [], 0
-    with evaluating(module), torch.no_grad():
+    with explaining(module), torch.no_grad():
         for batch_indices, batch in indexed_batches(loader):
             batch = to_device(batch, module.device)
             p, y = example_probs(module, module(batch), batch)

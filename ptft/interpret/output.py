@@ -18,7 +18,15 @@ def run_folder(trainer: Any) -> Path:
     """The folder a person looks in after a run: the logger's version folder, else the trainer's root folder.
 
     Call it on every rank: ``trainer.log_dir`` broadcasts (rank 0 alone would wait for the others forever)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
     folder = getattr(trainer, "log_dir", None) or getattr(trainer, "default_root_dir", None) or "."
+    logger = getattr(trainer, "logger", None)
+    if logger is not None and not isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger.save_dir is not None:
+        # W&B and other loggers: Lightning's log_dir is their bare save_dir (every run would share it); use
+        # <save_dir>/<name>/<version>, where the run's checkpoints go, as rank 0 names it.
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        folder = trainer.strategy.broadcast(str(Path(logger.save_dir) / str(logger.name) / version))
     return Path(folder)
 
 

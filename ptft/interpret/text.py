@@ -144,6 +144,7 @@ def integrated_gradients(
         attributions, delta = explainer.attribute(
             inputs["input_ids"], baselines=reference, target=ids, n_steps=n_steps,
             additional_forward_args=tuple(inputs[k] for k in keys[1:]), return_convergence_delta=True,
+            internal_batch_size=len(ids),  # one batch-sized pass per step, not n_steps x batch at once
         )
     mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
     return (attributions.sum(dim=-1) * mask).detach(), delta.detach()

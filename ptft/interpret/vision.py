@@ -164,9 +164,6 @@ def class_caption(module: Any, probs: torch.Tensor, target: int) -> str:
 def _overlay_files(module: Any, batch: dict[str, Any], targets: list[int], heat: torch.Tensor, folder: str | Path,
                    first_index: int, suffix: str, title: str) -> list[Path]:
     """One PNG per image: the image, and ``heat`` (``(B, h, w)``, upsampled to the image, scaled to [0, 1]) over it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pytorch_grad_cam.utils.image import show_cam_on_image
 

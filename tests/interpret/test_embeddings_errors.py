@@ -228,7 +228,7 @@ def test_error_analysis_each_validation_epoch_not_the_sanity_check(tiny_bert, te
                   callbacks=[ErrorAnalysis(top_k=3)])
     fit.fit(model, data)
     assert calls == [(False, 32, "validate-epoch0"), (False, 32, "validate-epoch1")]
-    folder = Path(fit.log_dir) / "errors"
+    folder = tmp_path / "ptft-test" / logger.version / "errors"  # <save_dir>/<project>/<run id>, not save_dir itself
     assert sorted(p.name for p in folder.iterdir()) == ["validate-epoch0", "validate-epoch1"]
     assert is_png(folder / "validate-epoch1" / "confusion.png")
 
