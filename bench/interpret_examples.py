@@ -119,7 +119,7 @@ def main() -> None:
     if "vision" in args.only:
         folders = cifar_class_folders(OUT / "data" / f"cifar-{args.per_class}-100", args.per_class, 100)
         data = [f"--data.init_args.train={folders['train']}", f"--data.init_args.val={folders['test']}",
-                "--data.init_args.val_fraction=0", "--data.init_args.num_workers=1", "--data.init_args.batch_size=64"]
+                "--data.init_args.test=null", "--data.init_args.num_workers=1", "--data.init_args.batch_size=64"]
         config = ["--config", str(REPO / "recipes/vision/cifar10.yaml"), *data]
         models = {"resnet18-cifar": ["--model.init_args.model_name=resnet18"],
                   "vit-cifar": ["--model.init_args.model_name=vit_tiny_patch16_224",
@@ -139,7 +139,7 @@ def main() -> None:
     if "audio" in args.only:
         train, val = fsdd_csvs()
         config = ["--config", str(REPO / "recipes/audio/keyword-cnn.yaml"), f"--data.init_args.train={train}",
-                  f"--data.init_args.val={val}", "--data.init_args.num_workers=1",
+                  f"--data.init_args.val={val}", "--data.init_args.test=null", "--data.init_args.num_workers=1",
                   "--model.init_args.sampling_rate=8000"]
         ckpt = OUT / "keyword-cnn-fsdd.ckpt"
         if not ckpt.is_file():
