@@ -5,8 +5,9 @@ Explains :class:`ptft.vision.ImageClassifier` (timm models). Heat maps are compu
 test-time augmentation (``tta: hflip``) is not part of the explanation (two passes through the network would give the
 target layer two activations), while the probability in each picture's title is the module's own (with TTA).
 
-* CNNs: Grad-CAM on the last feature stage (timm's ``feature_info[-1]``: ``layer4`` of a ResNet, ``stages.3`` of a
-  ConvNeXt).
+* CNNs: Grad-CAM on the deepest feature stage timm reports (``feature_info``) whose map is at least 4x4 at the input
+  size: ``layer4`` of a ResNet / ``stages.3`` of a ConvNeXt at ImageNet sizes, ``layer2`` of a ResNet at 32 px (its
+  ``layer4`` is 1x1 there: a uniform map; ``layer3`` 2x2).
 * timm ViTs (``VisionTransformer`` and its relatives: ``patch_embed`` + ``blocks``): Grad-CAM on the last block's
   ``norm1`` with the prefix tokens (class, registers) dropped and the patch tokens laid out on the patch grid; and
   attention rollout (:func:`vit_attention_rollout`).
@@ -98,9 +99,14 @@ class _Layout:
                         f"{tuple(output.shape)}: choose another target_layer")
 
 
-def _target_layer(model: nn.Module, name: str | None) -> tuple[nn.Module, _Layout]:
+#: The smallest Grad-CAM grid chosen automatically: a 1x1 map (ResNet's layer4 at 32 px) is one uniform colour.
+MIN_CAM_GRID = 4
+
+
+def _target_layer(model: nn.Module, name: str | None, image_size: int) -> tuple[nn.Module, _Layout]:
     """The layer Grad-CAM weighs and how its output is laid out: ``name`` when given, else the last ViT block's
-    ``norm1`` or the last feature stage timm reports."""
+    ``norm1``, else the deepest feature stage timm reports whose map is at least ``MIN_CAM_GRID`` wide at
+    ``image_size`` (the last stage at ImageNet sizes; an earlier one on small images)."""
     vit = _is_vit(model)
     layout = _Layout()
     if vit:
@@ -116,9 +122,10 @@ def _target_layer(model: nn.Module, name: str | None) -> tuple[nn.Module, _Layou
     info = getattr(model, "feature_info", None)
     if not info:
         raise PtftError(f"{type(model).__name__} reports no feature stages (timm's feature_info): give target_layer")
-    last = info[-1]
-    layout.channels = last.get("num_chs")
-    return dict(model.named_modules())[last["module"]], layout
+    wide_enough = [stage for stage in info if image_size // int(stage.get("reduction", 1)) >= MIN_CAM_GRID]
+    chosen = wide_enough[-1] if wide_enough else info[0]
+    layout.channels = chosen.get("num_chs")
+    return dict(model.named_modules())[chosen["module"]], layout
 
 
 def gradcam_maps(module: Any, pixel_values: torch.Tensor, targets: torch.Tensor | Sequence[int],
@@ -131,7 +138,9 @@ def gradcam_maps(module: Any, pixel_values: torch.Tensor, targets: torch.Tensor 
         targets: The class to explain for each image.
         method: ``gradcam`` or ``gradcam++``.
         target_layer: Name of the submodule of the timm model whose activations are weighed (``layer3``,
-            ``stages.2``, ``blocks.5.norm1``); by default the last feature stage, or the last ViT block's ``norm1``.
+            ``stages.2``, ``blocks.5.norm1``); by default the deepest feature stage whose map is at least 4x4 at
+            this image size (the last one at ImageNet sizes, ``layer2`` of a ResNet at 32 px), or the last ViT
+            block's ``norm1``.
 
     Returns:
         ``(B, H, W)`` maps in [0, 1] (each scaled to its own maximum) at the input resolution, on the CPU.
@@ -142,7 +151,7 @@ def gradcam_maps(module: Any, pixel_values: torch.Tensor, targets: torch.Tensor 
     if method not in ("gradcam", "gradcam++"):
         raise PtftError(f"method must be 'gradcam' or 'gradcam++', got {method!r}")
     model = _image_classifier(module)
-    layer, layout = _target_layer(model, target_layer)
+    layer, layout = _target_layer(model, target_layer, min(pixel_values.shape[-2:]))
     ids = target_ids(targets, len(pixel_values), module.num_labels)
     cam_class = GradCAM if method == "gradcam" else GradCAMPlusPlus
     with explaining(module):

@@ -283,3 +283,16 @@ def test_waveform_saliency_on_the_log_mel_grid(tiny_wav2vec2, tmp_path):
     torch.testing.assert_close(cells.sum((1, 2)), (waves * reference.grad).sum(1), rtol=1e-3, atol=1e-5)
     assert_pngs(saliency_files(model, {"input_values": waves}, [0, 1], tmp_path, 0),
                 ["0000-saliency.png", "0001-saliency.png"])
+
+
+def test_gradcam_picks_a_stage_that_is_not_one_pixel_on_small_images():
+    """ResNet-18's layer4 is 1x1 on a 32-pixel image (a uniform heat map): the automatic choice is layer2 there, and
+    layer4 at 224 pixels."""
+    from ptft.interpret.vision import _target_layer
+
+    torch.manual_seed(0)
+    module = ImageClassifier("resnet18", num_labels=3, pretrained=False)
+    assert _target_layer(module.model, None, 32)[0] is module.model.layer2  # 4x4 (layer3: 2x2)
+    assert _target_layer(module.model, None, 224)[0] is module.model.layer4
+    maps = gradcam_maps(module, torch.randn(2, 3, 32, 32), [0, 1])
+    assert maps.shape == (2, 32, 32) and all(float(m.std()) > 0.01 for m in maps)  # not one colour
