@@ -86,7 +86,7 @@ def keep(folder: Path, name: str, pattern: str = "*.png", count: int = 2) -> Non
     """Copies the first ``count`` files matching ``pattern`` to docs/images/interpret/ as ``name-N.png``."""
     DOCS.mkdir(parents=True, exist_ok=True)
     for i, path in enumerate(sorted(folder.glob(pattern))[:count]):
-        shutil.copy(path, DOCS / (f"{name}-{i}{path.suffix}" if count > 1 else f"{name}{path.suffix}"))
+        shutil.copy(path, DOCS / f"{name}-{i}{path.suffix}")
 
 
 def main() -> None:
@@ -111,10 +111,10 @@ def main() -> None:
             ckpt = OUT / "minilm-sst2.ckpt"
             if not ckpt.is_file():
                 fit([*config, f"--model.init_args.model_name={model_dir()}", "--trainer.max_epochs=1"], ckpt)
-        for method, n, extra, name, count in [("ig", 8, [], "text-ig", 3), ("attention", 4, [], "text-attention", 2),
-                                              ("shap", 3, [], "text-shap", 2),
+        for method, n, extra, name, count in [("ig", 8, [], "text-ig", 2), ("attention", 4, [], "text-attention", 1),
+                                              ("shap", 3, [], "text-shap", 1),
                                               ("tsne", 0, ["--before"], "text-tsne", 1),
-                                              ("errors", 16, [], "text-errors", 2)]:
+                                              ("errors", 16, [], "text-errors", 1)]:
             keep(explain(ckpt, config, method, n, *extra), name, count=count)
     if "vision" in args.only:
         folders = cifar_class_folders(OUT / "data" / f"cifar-{args.per_class}-100", args.per_class, 100)
@@ -131,11 +131,11 @@ def main() -> None:
                 fit([*config, *model, "--model.init_args.pretrained=false", f"--trainer.max_epochs={args.epochs}"],
                     ckpt)
         resnet, vit = OUT / "resnet18-cifar.ckpt", OUT / "vit-cifar.ckpt"
-        keep(explain(resnet, config, "gradcam", 8), "vision-gradcam", count=3)
-        keep(explain(resnet, config, "gradcam++", 8), "vision-gradcampp", count=3)
-        keep(explain(vit, config, "attention", 8), "vision-attention", count=3)
-        keep(explain(resnet, config, "tsne", 0), "vision-tsne", count=1)
-        keep(explain(resnet, config, "errors", 16), "vision-errors", count=2)
+        keep(explain(resnet, config, "gradcam", 8), "vision-gradcam", count=2)
+        keep(explain(resnet, config, "gradcam++", 8), "vision-gradcampp", count=1)
+        keep(explain(vit, config, "attention", 8), "vision-attention", count=1)
+        explain(resnet, config, "tsne", 0)
+        keep(explain(resnet, config, "errors", 16), "vision-mistakes", pattern="mistakes.png", count=1)
     if "audio" in args.only:
         train, val = fsdd_csvs()
         config = ["--config", str(REPO / "recipes/audio/keyword-cnn.yaml"), f"--data.init_args.train={train}",
@@ -144,8 +144,8 @@ def main() -> None:
         ckpt = OUT / "keyword-cnn-fsdd.ckpt"
         if not ckpt.is_file():
             fit([*config, "--model.init_args.pretrained=false", f"--trainer.max_epochs={args.epochs}"], ckpt)
-        keep(explain(ckpt, config, "saliency", 6), "audio-saliency", count=3)
-        keep(explain(ckpt, config, "errors", 16), "audio-errors", count=2)
+        keep(explain(ckpt, config, "saliency", 6), "audio-saliency", count=1)
+        explain(ckpt, config, "errors", 16)
     print(f"pictures in {DOCS}")
 
 
