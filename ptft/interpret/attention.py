@@ -24,7 +24,7 @@ from ptft.interpret.text import (
     hf_attentions,
     highlighted_html,
     real_tokens,
-    rollout,
+    first_token_flow,
     text_height,
     titles,
     tokenizer_of,
@@ -70,7 +70,7 @@ def text_attention_files(
     mask = batch.get("attention_mask")
     mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
     attentions = hf_attentions(module, batch)  # one forward pass for both pictures
-    flow = rollout(attentions, mask)
+    flow = first_token_flow(attentions, mask)
     last = attentions[-1].mean(dim=1).cpu()
     heads = titles(module, class_probabilities(module, batch), ids, "attention rollout")
     paths: list[Path] = []

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.interpret.common import class_probabilities, explaining, target_ids
+from ptft.interpret.common import class_probabilities, explaining, rollout, target_ids
 from ptft.interpret.output import save_figure
 
 __all__ = [
@@ -293,15 +293,6 @@ def hf_attentions(module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, ...
     return tuple(a.float() for a in attentions)
 
 
-def fuse_heads(attention: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """``(batch, heads, T, T)`` -> ``(batch, T, T)`` by the heads' ``mean``, ``max`` or ``min``."""
-    if head_fusion == "mean":
-        return attention.mean(dim=1)
-    if head_fusion in ("max", "min"):
-        return getattr(attention, head_fusion)(dim=1).values
-    raise PtftError(f"head_fusion {head_fusion!r}: choose mean, max or min")
-
-
 def hf_attention_rollout(module: Any, batch: dict[str, Any], head_fusion: str = "mean") -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): how much each token flows into the first token ([CLS] / <s>).
 
@@ -315,20 +306,12 @@ def hf_attention_rollout(module: Any, batch: dict[str, Any], head_fusion: str = 
     """
     mask = batch.get("attention_mask")
     mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
-    return rollout(hf_attentions(module, batch), mask, head_fusion)
+    return first_token_flow(hf_attentions(module, batch), mask, head_fusion)
 
 
-def rollout(attentions: Sequence[torch.Tensor], mask: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
-    """:func:`hf_attention_rollout` from the layers' ``(batch, heads, T, T)`` attentions and the ``(batch, T)`` mask."""
-    keys = mask.to(attentions[0].device, torch.float32)[:, None, :]
-    size = attentions[0].shape[-1]
-    eye = torch.eye(size, device=attentions[0].device)
-    flow = eye.expand(attentions[0].shape[0], size, size)
-    for attention in attentions:
-        layer = (fuse_heads(attention, head_fusion) + eye) * keys
-        layer = layer / layer.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        flow = layer @ flow
-    return flow[:, 0] * keys[:, 0]
+def first_token_flow(attentions: Sequence[torch.Tensor], mask: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """The first token's row of the rollout of ``attentions`` with padding keys masked: ``(batch, tokens)``."""
+    return rollout(attentions, head_fusion, mask=mask)[:, 0] * mask.to(attentions[0].device, torch.float32)
 
 
 def attention_maps(module: Any, batch: dict[str, Any]) -> torch.Tensor:

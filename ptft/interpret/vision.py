@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptft.core.errors import PtftError
-from ptft.interpret.common import class_probabilities, explaining, target_ids
+from ptft.interpret.common import class_probabilities, explaining, rollout, target_ids
 
 __all__ = [
     "class_caption",
@@ -254,38 +254,6 @@ def _attention_probabilities(module: Any, model: nn.Module, pixel_values: torch.
     return captured
 
 
-def rollout(attentions: Sequence[torch.Tensor], head_fusion: str = "mean", discard_ratio: float = 0.0) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020) of per-layer ``(B, heads, N, N)`` attention: heads fused, the
-    residual path added as the identity, rows renormalised, layers multiplied. Returns ``(B, N, N)``: row ``i`` is how
-    much each input token flows into output token ``i``.
-
-    ``discard_ratio`` zeroes that fraction of each fused matrix's weakest entries (never token 0 attending to itself),
-    as jacobgil/vit-explain does to sharpen the maps.
-    """
-    fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
-    if head_fusion not in fuse:
-        raise PtftError(f"head_fusion must be one of {sorted(fuse)}, got {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise PtftError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
-    result = None
-    for attention in attentions:
-        fused = fuse[head_fusion](attention.float())
-        batch, tokens, _ = fused.shape
-        if discard_ratio > 0:
-            flat = fused.flatten(1)
-            weakest = flat.topk(int(flat.shape[1] * discard_ratio), dim=1, largest=False).indices
-            kept = flat[:, :1].clone()
-            flat = flat.scatter(1, weakest, 0.0)
-            flat[:, :1] = kept
-            fused = flat.view(batch, tokens, tokens)
-        step = fused + torch.eye(tokens, device=fused.device)
-        step = step / step.sum(-1, keepdim=True)
-        result = step if result is None else step @ result
-    if result is None:
-        raise PtftError("the model has no attention blocks to roll out")
-    return result
-
-
 def vit_attention_rollout(module: Any, pixel_values: torch.Tensor, head_fusion: str = "mean",
                           discard_ratio: float = 0.0) -> torch.Tensor:
     """Attention rollout of a timm ViT ImageClassifier: how much each image patch flows into the class token.
@@ -304,7 +272,7 @@ def vit_attention_rollout(module: Any, pixel_values: torch.Tensor, head_fusion: 
         the patches; the prefix tokens take the rest).
     """
     model = _vit(module)
-    flow = rollout(_attention_probabilities(module, model, pixel_values), head_fusion, discard_ratio)
+    flow = rollout(_attention_probabilities(module, model, pixel_values), head_fusion, discard_ratio)  # (B, N, N)
     prefix = int(model.num_prefix_tokens)
     if getattr(model, "cls_token", None) is not None:  # timm puts the class token first, then registers
         row = flow[:, 0, prefix:]
