@@ -22,6 +22,7 @@ USAGE = """usage: ptft COMMAND [options]
 
   ptft fit --config RECIPE [--key=value ...]     train (also: validate, test, predict; ptft fit --help)
   ptft recipes [RECIPE [DEST]]                    list the shipped recipes, or copy one to edit
+  ptft --version                                  the installed version
   ptft quickstart [--key=value ...]               fine-tune a small model on shipped reviews (CPU, minutes)
   ptft inspect-layers --config RECIPE             layer index and learning rate of every parameter
   ptft lr-find --config RECIPE                    learning-rate range test (keeps layer-decay / head-lr ratios)
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
+        return
+    if args[0] in ("-V", "--version"):  # answered without importing torch or Lightning
+        from ptft import __version__
+
+        print(f"ptft {__version__}")
         return
     try:
         args = with_shipped_configs(args)

@@ -443,3 +443,20 @@ def test_lr_find_suggestion_under_group_ratios_matches_the_problem_without_group
     # Lightning's own finder gives both groups the same lr: the stiff group diverges early, the suggestion drops.
     plain = Tuner(trainer(tmp_path, max_epochs=1)).lr_find(TwoStiffnesses(0.1), num_training=100, **sweep)
     assert plain.suggestion() < known.suggestion() / 3
+
+
+def test_version_help_and_recipes_answer_without_importing_torch():
+    """``ptft --version``, ``ptft --help`` and ``ptft recipes`` must answer at once: no torch, no Lightning imported."""
+    import subprocess
+    import sys
+
+    import ptft
+
+    for args in (["--version"], ["--help"], ["recipes"]):
+        code = (f"import sys; from ptft.cli import main; main({args!r}); "
+                "loaded = [m for m in ('torch', 'lightning', 'transformers') if m in sys.modules]; "
+                "assert not loaded, loaded")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        if args == ["--version"]:
+            assert done.stdout.strip() == f"ptft {ptft.__version__}"
