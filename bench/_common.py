@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
@@ -18,6 +19,18 @@ SST2 = REPO.parent / "shared" / "data" / "sst2"
 
 
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
+
+
+def cifar_members(zf: Any) -> dict[tuple[str, str], list[str]]:
+    """The JPEG members of the CIFAR-10 zip by ``(split, class)``, each list sorted (seeded draws start from it)."""
+    from pathlib import PurePosixPath
+
+    by: dict[tuple[str, str], list[str]] = {}
+    for name in zf.namelist():
+        if name.endswith(".jpg"):
+            split, cls, _ = PurePosixPath(name).parts
+            by.setdefault((split, cls), []).append(name)
+    return {key: sorted(names) for key, names in by.items()}
 
 
 def cifar_class_folders(root: Path, per_class: int, test_per_class: int) -> dict[str, Path]:
@@ -33,13 +46,8 @@ def cifar_class_folders(root: Path, per_class: int, test_per_class: int) -> dict
         raise SystemExit(f"CIFAR-10 zip not found at {CIFAR10}")
     rng = random.Random(0)
     with zipfile.ZipFile(CIFAR10) as zf:
-        by: dict[tuple[str, str], list[str]] = {}
-        for name in zf.namelist():
-            if name.endswith(".jpg"):
-                split, cls, _ = PurePosixPath(name).parts
-                by.setdefault((split, cls), []).append(name)
+        by = cifar_members(zf)
         for (split, cls), members in sorted(by.items()):
-            members = sorted(members)
             rng.shuffle(members)
             for name in members[: per_class if split == "train" else test_per_class]:
                 target = folders[split] / cls / PurePosixPath(name).name

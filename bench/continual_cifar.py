@@ -30,7 +30,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, WORK, write_section
+from _common import REPO, WORK, cifar_members, write_section
 
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -53,15 +53,11 @@ def extract(data: Path, per_class: int, test_per_class: int) -> dict[str, Path]:
         raise SystemExit(f"CIFAR-10 zip not found at {data}; pass --data /path/cifar10-jpg.zip")
     rng = random.Random(0)
     with zipfile.ZipFile(data) as zf:
-        by: dict[tuple[str, str], list[str]] = {}
-        for name in zf.namelist():
-            if name.endswith(".jpg"):
-                split, cls, _ = PurePosixPath(name).parts
-                by.setdefault((split, cls), []).append(name)
+        by = cifar_members(zf)
         for cls in CLASSES:
             task = "old" if cls in OLD else "new"
             for split, count in (("train", per_class), ("test", test_per_class)):
-                members = sorted(by[(split, cls)])
+                members = list(by[(split, cls)])
                 rng.shuffle(members)
                 folder = folders[f"{task}-{split}"] / cls
                 folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, WORK, model_dir, sst2_subset, write_section  # noqa: E402
+from _common import REPO, WORK, cifar_members, model_dir, sst2_subset, write_section  # noqa: E402
 
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 WNUT = REPO.parent / "shared" / "data" / "wnut17"
@@ -63,13 +63,8 @@ def cifar_tasks(per_class: int, test_per_class: int) -> dict[str, dict[str, str]
     rng = random.Random(0)
     rows: dict[str, list[dict[str, str]]] = {}
     with zipfile.ZipFile(CIFAR10) as zf:
-        by: dict[tuple[str, str], list[str]] = {}
-        for name in zf.namelist():
-            if name.endswith(".jpg"):
-                split, cls, _ = PurePosixPath(name).parts
-                by.setdefault((split, cls), []).append(name)
+        by = cifar_members(zf)
         for (split, cls), members in sorted(by.items()):
-            members = sorted(members)
             rng.shuffle(members)
             for name in members[: per_class if split == "train" else test_per_class]:
                 target = root / split / cls / PurePosixPath(name).name

@@ -29,9 +29,10 @@ import sys
 import time
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REPO, WORK, write_section
+from _common import REPO, WORK, cifar_members, write_section
 
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "cifar10-jpg.zip"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -67,11 +68,7 @@ def extract(data: Path, per_class_train: int) -> dict[str, Path]:
     if not data.is_file():
         raise SystemExit(f"CIFAR-10 zip not found at {data}; pass --data /path/cifar10-jpg.zip")
     with zipfile.ZipFile(data) as zf:
-        names = [n for n in zf.namelist() if n.endswith(".jpg")]
-        by = {}
-        for n in names:
-            split, cls, _ = PurePosixPath(n).parts
-            by.setdefault((split, cls), []).append(n)
+        by = cifar_members(zf)
         found = {c for _, c in by}
         if found != set(CLASSES):
             raise SystemExit(f"unexpected class folders in {data}: {sorted(found)}")
@@ -86,7 +83,7 @@ def extract(data: Path, per_class_train: int) -> dict[str, Path]:
         for cls in SOURCE:
             write(folders["pretrain"], by[("train", cls)])
         for cls in TARGET:
-            train, test = sorted(by[("train", cls)]), sorted(by[("test", cls)])
+            train, test = by[("train", cls)], by[("test", cls)]
             rng.shuffle(train)
             rng.shuffle(test)
             write(folders["train"], train[:per_class_train])
@@ -116,8 +113,10 @@ def pretrain_supervised(folders: dict[str, Path], steps: int, out: Path, model: 
             "images": steps * c.datamodule.batch_size}
 
 
-def pretrain_simclr(folders: dict[str, Path], steps: int, out: Path) -> dict:
-    c = cli(["--config", str(REPO / "recipes/vision/simclr.yaml"), f"--model.init_args.model_name={MODEL}",
+def pretrain_self_supervised(recipe: str, model: list[str], folders: dict[str, Path], steps: int, out: Path) -> tuple[Any, float]:
+    """Pre-trains with ``recipe`` (SimCLR, MoCo, MAE) for ``steps`` steps on the pre-training images, saves the
+    backbone to ``out``; returns the CLI object (its metrics, its model) and the training seconds."""
+    c = cli(["--config", str(REPO / recipe), *model,
              f"--data.init_args.train={folders['pretrain']}", "--data.init_args.val_fraction=0.02",
              f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
              "--trainer.limit_val_batches=2", "--data.init_args.batch_size=128", *QUIET])
@@ -125,35 +124,29 @@ def pretrain_simclr(folders: dict[str, Path], steps: int, out: Path) -> dict:
     c.trainer.fit(c.model, c.datamodule)
     seconds = time.perf_counter() - start
     c.model.save_model(c.model.model, str(out))
+    return c, seconds
+
+
+def pretrain_simclr(folders: dict[str, Path], steps: int, out: Path) -> dict:
+    c, seconds = pretrain_self_supervised("recipes/vision/simclr.yaml", [f"--model.init_args.model_name={MODEL}"],
+                                          folders, steps, out)
     m = c.trainer.callback_metrics
     return {"seconds": seconds, "val_loss": m["val/loss"].item(), "val_pos_acc": m["val/pos_acc"].item(),
             "images": steps * c.datamodule.batch_size}
 
 
 def pretrain_moco(folders: dict[str, Path], steps: int, out: Path) -> dict:
-    c = cli(["--config", str(REPO / "recipes/vision/moco.yaml"), f"--model.init_args.model_name={MODEL}",
-             f"--data.init_args.train={folders['pretrain']}", "--data.init_args.val_fraction=0.02",
-             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
-             "--trainer.limit_val_batches=2", "--data.init_args.batch_size=128", *QUIET])
-    start = time.perf_counter()
-    c.trainer.fit(c.model, c.datamodule)
-    seconds = time.perf_counter() - start
-    c.model.save_model(c.model.model, str(out))
+    c, seconds = pretrain_self_supervised("recipes/vision/moco.yaml", [f"--model.init_args.model_name={MODEL}"],
+                                          folders, steps, out)
     m = c.trainer.callback_metrics
     return {"seconds": seconds, "val_loss": m["val/loss"].item(), "val_pos_acc": m["val/pos_acc"].item(),
             "queue": c.model.queue.shape[0]}
 
 
 def pretrain_mae(folders: dict[str, Path], steps: int, out: Path, lr: float) -> dict:
-    c = cli(["--config", str(REPO / "recipes/vision/mae.yaml"), f"--model.init_args.model_name={VIT}",
-             f"--model.init_args.model_kwargs={VIT_KWARGS}", f"--model.init_args.optimizer.lr={lr}",
-             f"--data.init_args.train={folders['pretrain']}", "--data.init_args.val_fraction=0.02",
-             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.check_val_every_n_epoch=null", "--trainer.max_epochs=-1",
-             "--trainer.limit_val_batches=2", "--data.init_args.batch_size=128", *QUIET])
-    start = time.perf_counter()
-    c.trainer.fit(c.model, c.datamodule)
-    seconds = time.perf_counter() - start
-    c.model.save_model(c.model.model, str(out))
+    model = [f"--model.init_args.model_name={VIT}", f"--model.init_args.model_kwargs={VIT_KWARGS}",
+             f"--model.init_args.optimizer.lr={lr}"]
+    c, seconds = pretrain_self_supervised("recipes/vision/mae.yaml", model, folders, steps, out)
     return {"seconds": seconds, "val_loss": c.trainer.callback_metrics["val/loss"].item()}
 
 

@@ -5,7 +5,8 @@ from ptft.transfer.continual import ContinualDataModule, ContinueFrom, evaluate_
 from ptft.transfer.distill import Distillation
 from ptft.transfer.ensemble import EnsemblePredictions, ensemble_predictions
 from ptft.transfer.ewc import EWC
-from ptft.transfer.multitask import MultiTaskModule, TaskHead, load_task_module
+from ptft.transfer.multitask import MultiTaskModule, TaskHead
+from ptft.transfer.multitask_export import load_task_module
 from ptft.transfer.multitask_data import MultiTaskDataModule
 from ptft.transfer.soup import Soup, greedy_soup, uniform_soup
 

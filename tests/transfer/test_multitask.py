@@ -17,7 +17,8 @@ from ptft.core.data import EpochSeededSampler
 from ptft.core.errors import PtftError
 from ptft.text.data import TextClassificationDataModule
 from ptft.text.token import TokenClassificationDataModule
-from ptft.transfer.multitask import MultiTaskModule, load_task_module
+from ptft.transfer.multitask import MultiTaskModule
+from ptft.transfer.multitask_export import load_task_module
 from ptft.transfer.multitask_data import MultiTaskDataModule, TaskSampler, task_probabilities
 from ptft.vision.data import ImageClassificationDataModule
 
