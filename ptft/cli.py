@@ -32,6 +32,8 @@ USAGE = """usage: ptft COMMAND [options]
   ptft soup --checkpoints A B --output SOUP        average fine-tuned weights (--method uniform|greedy --config)
   ptft explain --ckpt_path CKPT --method METHOD    why the model decides: gradcam, ig, attention, saliency, shap,
                                                   tsne, errors (--config, --num_samples, --output; files + W&B)
+  ptft convert --kind KIND --input IN --output DIR  LitData shards of an image / audio folder or a text file, for
+                                                  streaming data larger than memory (ptft convert --help)
 
 RECIPE is a YAML file, or the name of a shipped recipe (text/sst2.yaml, recipes/text/sst2.yaml) when no such file
 exists in the current folder. `ptft fit --ckpt_path last` resumes the newest last.ckpt of the recipe's runs.

@@ -424,6 +424,13 @@ def explain(args: list[str]) -> None:
     explain_command(args)
 
 
+def convert(args: list[str]) -> None:
+    """``ptft convert --kind image|audio|text --input PATH --output DIR``; see :func:`ptft.core.streaming.convert`."""
+    from ptft.core.streaming import convert_command
+
+    convert_command(args)
+
+
 @contextmanager
 def no_argv() -> Iterator[None]:
     """The command's own arguments replace the command line (LightningCLI would read ``sys.argv`` otherwise)."""
@@ -436,4 +443,4 @@ def no_argv() -> Iterator[None]:
 
 
 COMMANDS = {"quickstart": quickstart, "inspect-layers": inspect_layers, "lr-find": lr_find, "export": export,
-            "ensemble": ensemble, "soup": soup, "explain": explain}
+            "ensemble": ensemble, "soup": soup, "explain": explain, "convert": convert}
