@@ -16,8 +16,10 @@ RECIPES = sorted(SHIPPED.rglob("*.yaml"))  # the packaged copies (ptft/recipes),
 HERE = ("ptft.text.TextClassificationDataModule", "ptft.vision.ImageClassificationDataModule")
 # Recipes that need a previous run's checkpoint (a teacher) are run by their own tests, which train one first.
 NEEDS_CHECKPOINT = ("ptft.transfer.Distillation",)
+# Strategies Lightning runs only on GPUs: tests/test_ddp_recipes.py runs their recipes on CPU its own way.
+GPU_ONLY = ("lightning.pytorch.strategies.FSDPStrategy", "lightning.pytorch.strategies.DeepSpeedStrategy")
 CLASSIFICATION = [r for r in RECIPES if yaml.safe_load(r.read_text())["data"]["class_path"] in HERE
-                  and not any(c in r.read_text() for c in NEEDS_CHECKPOINT)]
+                  and not any(c in r.read_text() for c in NEEDS_CHECKPOINT + GPU_ONLY)]
 
 
 def test_recipes_folder_is_the_shipped_one():

@@ -51,6 +51,9 @@ class FineTuneModule(L.LightningModule):
         checkpoint_weights: ``all`` saves every weight; ``trainable`` saves only what trains (adapters, unfrozen
             layers, buffers) and rebuilds the rest from the pretrained model on load or resume.
         compile: ``torch.compile`` backend for the model (``inductor``, ``aot_eager``…); ``None`` runs eagerly.
+        gradient_checkpointing: Recompute each block's activations in the backward pass instead of keeping them: less
+            memory, slower steps. Non-reentrant, so blocks above frozen layers (embeddings, a frozen stem, PEFT's
+            frozen base) still get their gradients. Hugging Face and timm models, or modules holding them.
     """
 
     #: The metric the CLI's default best checkpoint follows, and whether higher is better.
@@ -83,15 +86,20 @@ class FineTuneModule(L.LightningModule):
         peft: PeftConfig | None = None,
         checkpoint_weights: Literal["all", "trainable"] = "all",
         compile: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.optimizer_config = OptimizerConfig.coerce(optimizer)
         self.scheduler_config = SchedulerConfig.coerce(scheduler)
         self.peft_config = PeftConfig(**peft) if isinstance(peft, dict) else peft
+        if self.peft_config is not None and self.peft_config.base_weights == "nf4" and checkpoint_weights == "all":
+            raise PtftError("peft.base_weights=nf4 needs checkpoint_weights: trainable (the 4-bit base is rebuilt "
+                            "from the pretrained model; full checkpoints cannot reload 4-bit weights)")
         self.l1 = l1
         self.l2_sp = l2_sp
         self.checkpoint_weights = checkpoint_weights
         self.compile_backend = compile
+        self.gradient_checkpointing = gradient_checkpointing
         # Trainable-only checkpoints lack the frozen weights: they come from the pretrained model instead.
         self.strict_loading = checkpoint_weights == "all"
         metrics = self.build_metrics()
@@ -111,6 +119,8 @@ class FineTuneModule(L.LightningModule):
         heads = self.head_modules(model)
         self._head_names = {n for n, _ in model.named_parameters() if any(n == h or n.startswith(h + ".") for h in heads)}
         self._plain_layers = self.discover_layers(model)
+        if self.gradient_checkpointing:  # before PEFT wraps the model: the backends' own models take the switch
+            enable_gradient_checkpointing(model)
         if self.peft_config is not None:
             model = apply_peft(model, self.peft_config, heads)
         self.model = model
@@ -365,7 +375,15 @@ class FineTuneModule(L.LightningModule):
         if self.checkpoint_weights == "trainable":
             keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
             params = {f"model.{n}" for n, _ in self.model.named_parameters()}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or k not in params}
+            # A frozen parameter's own entries go too: the quantization state of a 4-bit weight (``<name>.absmax``…).
+            frozen = params - keep
+
+            def kept(key: str) -> bool:
+                parts = key.split(".")
+                owned = any(".".join(parts[:i]) in frozen for i in range(1, len(parts)))
+                return key in keep or (key not in params and not owned)
+
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if kept(k)}
         if self._l2_sp_reference:
             checkpoint["l2_sp_reference"] = {k: v.cpu() for k, v in self._l2_sp_reference.items()}
         checkpoint["ptft_module"] = f"{type(self).__module__}.{type(self).__qualname__}"
@@ -400,6 +418,52 @@ class FineTuneModule(L.LightningModule):
             set_rng_states(checkpoint["rng_states"])
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turns on non-reentrant gradient checkpointing in ``model``'s Hugging Face and timm models, in place.
+
+    ``model`` is one such model or holds some (a multimodal module's towers). Reentrant checkpointing gives no
+    gradients to a checkpointed block whose input needs none, which is what frozen embeddings or a frozen stem feed
+    it (huggingface/transformers#21381): non-reentrant checkpointing differentiates through the block regardless.
+    Generative models also stop caching keys and values (the cache would hold the activations checkpointing drops).
+
+    Raises:
+        PtftError: ``model`` holds neither kind of model, one of them cannot checkpoint, or timm was told to
+            checkpoint reentrantly (``TIMM_REENTRANT_CKPT``).
+    """
+    from transformers import PreTrainedModel
+
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f + ".") or not f for f in found):  # inside a model already switched on
+            continue
+        if isinstance(module, PreTrainedModel):
+            if not module.supports_gradient_checkpointing:
+                raise PtftError(f"gradient_checkpointing: {type(module).__name__} does not support it")
+            kwargs = {"use_reentrant": False}
+            if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if getattr(module.config, "use_cache", None):
+                module.config.use_cache = False
+        elif type(module).__module__.startswith("timm.") and hasattr(module, "set_grad_checkpointing"):
+            from timm.layers import use_reentrant_ckpt
+
+            if use_reentrant_ckpt():
+                raise PtftError("gradient_checkpointing: TIMM_REENTRANT_CKPT makes timm checkpoint reentrantly, which "
+                                "gives no gradients to blocks above frozen layers; unset it")
+            try:
+                module.set_grad_checkpointing(True)
+            except AssertionError as err:  # timm's models without checkpointing assert `not enable`
+                raise PtftError(f"gradient_checkpointing: timm's {type(module).__name__} does not support it") from err
+        else:
+            continue
+        found.append(name)
+    if not found:
+        raise PtftError(f"gradient_checkpointing: {type(model).__name__} is neither a Hugging Face nor a timm model "
+                        "and holds none")
+
+
 def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments of ``cls(*args, **kwargs)`` by name, with the defaults of ``cls`` and of the base classes its
     ``**kwargs`` reach (a task module forwards the shared arguments to :class:`FineTuneModule`).
@@ -432,12 +496,18 @@ def constructor_arguments(cls: type, args: tuple[Any, ...], kwargs: dict[str, An
 
 def read_checkpoint(path: str, written_by_ptft: bool = True) -> dict[str, Any]:
     """A checkpoint's dict (``weights_only`` loading, on CPU), or a one-line error for a missing file or, with
-    ``written_by_ptft``, a checkpoint no ptft module wrote (one without the module's class path)."""
+    ``written_by_ptft``, a checkpoint no ptft module wrote (one without the module's class path). A sharded
+    checkpoint folder (FSDP, DeepSpeed) is consolidated first: see :func:`ptft.core.sharded.consolidate`."""
     from pathlib import Path
 
-    if not Path(path).expanduser().is_file():
+    if Path(path).expanduser().is_dir():
+        from ptft.core.sharded import consolidate
+
+        checkpoint = consolidate(path)
+    elif not Path(path).expanduser().is_file():
         raise PtftError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    else:
+        checkpoint = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
     class_path = checkpoint.get("ptft_module") or checkpoint.get("hyper_parameters", {}).get("_class_path")
     if written_by_ptft and ("state_dict" not in checkpoint or not class_path):
         raise PtftError(f"{path} was not written by a ptft module")
@@ -452,4 +522,11 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> FineTuneModule:
     class_path = checkpoint.get("ptft_module") or checkpoint["hyper_parameters"]["_class_path"]
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.load_from_checkpoint(path, map_location=map_location)
+    from pathlib import Path
+
+    source: Any = path
+    if Path(path).expanduser().is_dir():  # a sharded folder: Lightning loads the dict consolidated above
+        source = io.BytesIO()
+        torch.save(checkpoint, source)
+        source.seek(0)
+    return cls.load_from_checkpoint(source, map_location=map_location)

@@ -157,6 +157,13 @@ def build_param_groups(
         Parameter groups for a torch optimizer, each with ``params``, ``lr``, ``weight_decay``, ``layer`` and ``names``.
     """
     named = [(n, p) for n, p in named_parameters if p.requires_grad]
+    if weight_decay and any(getattr(p, "_fsdp_flattened", False) for _, p in named):  # FSDP's own mark
+        # FSDP (use_orig_params) has already replaced every parameter by a 1-D slice of its shard (or an empty one):
+        # the ndim rule would silently exempt every weight matrix from weight decay.
+        raise PtftError(
+            "FSDP flattened the parameters before the optimizer was built, so weight matrices cannot be told from "
+            "biases and norms for weight decay: set optimizer.weight_decay=0 (docs/scale.md, FSDP)"
+        )
     layers = {n: (layer_of(n) if layer_of else 0) for n, _ in named}
     top = num_layers if num_layers is not None else max(layers.values(), default=0)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}

@@ -84,7 +84,7 @@ class DualEncoder(TowerLearningRates, FineTuneModule):
             ``{text: 1.0e-5, vision: 1.0e-4}``; layer-wise decay applies below a tower's top. Towers not named keep
             ``optimizer.lr`` (the projections and the scale: ``optimizer.head_lr``).
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
-            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     checkpoint_monitor = ("val/loss", "min")

@@ -53,7 +53,8 @@ class LanguageModel(TokenMeanLoss, HFModule, FineTuneModule):
         model_config: Values overriding the model's config (``{hidden_dropout_prob: 0.1}``). A dict holding
             ``model_type`` is a complete config and is used without reading ``model_name``'s.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)

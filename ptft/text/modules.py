@@ -37,7 +37,7 @@ class TextClassifier(HFModule, ClassificationModule):
             ``long_documents: windows``): ``mean`` logits, per-class ``max``, or majority ``vote``.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
             ``label_names``, ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``, ``l2_sp``, ``peft``,
-            ``checkpoint_weights``, ``compile``).
+            ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)

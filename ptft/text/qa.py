@@ -90,7 +90,8 @@ class QuestionAnswerer(HFModule, FineTuneModule):
         null_score_threshold: With ``allow_no_answer``: answer nothing when the null score exceeds the best span's
             score by more than this (raise it to answer more often).
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)

@@ -73,7 +73,8 @@ class Seq2SeqGenerator(HFModule, FineTuneModule):
             0 never generates during fitting (the loss only, and the best checkpoint follows ``val/loss``). Test and
             predict always generate.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)

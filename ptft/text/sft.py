@@ -41,9 +41,9 @@ class ChatFineTuner(TokenMeanLoss, HFModule, FineTuneModule):
         num_samples: Validation prompts answered (greedily) and shown after each validation; 0 turns it off.
         sample_max_new_tokens: Longest validation sample reply, in tokens.
         max_new_tokens: Longest reply written by ``ptft predict``, in tokens (greedy decoding).
-        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``: less memory, ~30% slower steps).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)
@@ -59,7 +59,6 @@ class ChatFineTuner(TokenMeanLoss, HFModule, FineTuneModule):
         num_samples: int = 1,
         sample_max_new_tokens: int = 64,
         max_new_tokens: int = 256,
-        gradient_checkpointing: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -76,8 +75,6 @@ class ChatFineTuner(TokenMeanLoss, HFModule, FineTuneModule):
         # the trainer's precision setting (bf16-mixed…) decide the compute dtype.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
             model = model.float()
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         architecture = model.config.to_dict()
         self.set_model(model)
         self._save_hparams(pretrained=False, model_config=architecture)

@@ -58,7 +58,7 @@ class TokenClassifier(HFModule, ClassificationModule):
         scheme: Tagging scheme for ``mode: strict`` (``IOB2``, ``IOBES``, ``BILOU``…).
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
             ``label_names`` (both linked from the data), ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``,
-            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     needs_processor = True  # an export without its tokenizer is refused (ptft.core.hf.HFModule.save_model)

@@ -151,7 +151,8 @@ class MultiTaskModule(FineTuneModule):
         weighting: ``static`` (``sum w_i * L_i``) or ``learned`` (each task's weight learned from its loss's
             uncertainty, Kendall et al. 2018: ``w_i * (exp(-s_i) * L_i + s_i)``).
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``).
     """
 
     checkpoint_monitor = ("val/mean_score", "max")

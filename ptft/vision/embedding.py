@@ -73,7 +73,8 @@ class ImageEmbedder(LabelledModule):
             ``semihard`` (negatives farther than the positive but within the margin) or ``all`` (every triplet).
         **kwargs: ``num_labels`` and ``label_names`` (the training identities, linked from the data module by the
             CLI) and the shared fine-tuning arguments of :class:`ptft.core.FineTuneModule` (``optimizer``,
-            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``,
+            ``gradient_checkpointing``).
     """
 
     checkpoint_monitor = ("val/recall@1", "max")

@@ -157,7 +157,7 @@ class MAE(BackbonePretraining):
         norm_pix_loss: Standardise each target patch by its own mean and variance (MAE's default for its best
             representations); ``false`` reconstructs the (normalised) pixels themselves.
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
-            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     head_name = "decoder"

@@ -77,7 +77,8 @@ class MoCo(BackbonePretraining):
         momentum: Key-encoder momentum ``m`` (MoCo v2: 0.999; 0.99 suits short runs, whose key encoder must keep up).
         momentum_schedule: ``constant``, or ``cosine``: ``m`` rises to 1 by the last step (BYOL, MoCo v3).
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
-            ``l2_sp``, ``checkpoint_weights``, ``compile``). ``peft`` is not supported: MoCo trains the whole encoder.
+            ``l2_sp``, ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``). ``peft`` is not supported:
+            MoCo trains the whole encoder.
     """
 
     def __init__(

@@ -99,7 +99,7 @@ class ImageClassifier(ClassificationModule):
             its horizontal mirror; ``none`` runs the image once.
         **kwargs: The shared fine-tuning arguments of :class:`ptft.core.ClassificationModule` (``num_labels``,
             ``label_names``, ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``, ``l2_sp``, ``peft``,
-            ``checkpoint_weights``, ``compile``).
+            ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     def __init__(

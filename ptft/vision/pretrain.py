@@ -264,7 +264,7 @@ class SimCLR(BackbonePretraining):
         projection_hidden_dim: Hidden size of the projection head; defaults to the backbone's feature size.
         temperature: NT-Xent temperature (0.1-0.5; smaller is sharper).
         **kwargs: The shared arguments of :class:`ptft.core.FineTuneModule` (``optimizer``, ``scheduler``, ``l1``,
-            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``).
+            ``l2_sp``, ``peft``, ``checkpoint_weights``, ``compile``, ``gradient_checkpointing``).
     """
 
     def __init__(

@@ -31,7 +31,7 @@ class SegmentationModule(ClassificationModule):
             image's original size, at the image's path relative to the predict folder (``.png`` suffix).
         **kwargs: The shared arguments of :class:`ptft.core.ClassificationModule` (``num_labels``, ``label_names``,
             ``label_smoothing``, ``optimizer``, ``scheduler``, ``l1``, ``l2_sp``, ``peft``, ``checkpoint_weights``,
-            ``compile``).
+            ``compile``, ``gradient_checkpointing``).
     """
 
     checkpoint_monitor = ("val/miou", "max")
