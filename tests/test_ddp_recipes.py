@@ -175,10 +175,14 @@ class _ForkWithoutWeights(_MultiProcessingLauncher):
 
 
 FSDP_RECIPE = "recipes/text/sst2-fsdp.yaml"
-#: The FSDP recipe on CPU: the test strategy, fp32 (CPU bf16 would differ from DDP's fp32), no clipping (Lightning's
-#: FSDPPrecision refuses norm clipping in the Trainer: see the report in docs/scale.md), embeddings frozen throughout.
-FSDP_ON_CPU = ["--trainer.precision=32-true", "--trainer.gradient_clip_val=null", "--trainer.devices=2",
-               "--trainer.callbacks+=ptft.core.FreezeSchedule", "--trainer.callbacks.freeze=[bert.embeddings.*]"]
+#: The FSDP recipe on CPU: the test strategy, fp32 (CPU bf16 would differ from DDP's fp32), embeddings frozen
+#: throughout. Clipping and weight decay need ptft's FSDP paths (the norm over every shard, decay decided on the
+#: unsharded shapes); to show them, SGD (Adam's update hardly changes when a step's gradients are scaled), a
+#: clipping norm that bites every step and a strong decay.
+FSDP_ON_CPU = ["--trainer.precision=32-true", "--trainer.devices=2",
+               "--trainer.callbacks+=ptft.core.FreezeSchedule", "--trainer.callbacks.freeze=[bert.embeddings.*]",
+               "--trainer.gradient_clip_val=0.002", "--model.init_args.optimizer.name=sgd",
+               "--model.init_args.optimizer.lr=0.5", "--model.init_args.optimizer.weight_decay=0.1"]
 
 
 def test_fsdp_recipe_trains_as_ddp_and_exports(run_cli, tiny_bert_no_dropout, tmp_path):
@@ -229,14 +233,14 @@ def test_fsdp_recipe_trains_as_ddp_and_exports(run_cli, tiny_bert_no_dropout, tm
         torch.testing.assert_close(value, sharded[f"model.{key}"], rtol=0, atol=0)
 
 
-def test_fsdp_with_weight_decay_stops_before_training(run_cli, tiny_bert_no_dropout, tmp_path):
-    """Under FSDP the optimizer gets 1-D shards, so weight decay cannot skip biases and norms: one clear line."""
+def test_fsdp_with_a_weight_penalty_stops_before_training(run_cli, tiny_bert_no_dropout, tmp_path):
+    """L1 / L2-SP on a shard would be 1/N of the penalty: one clear line, nothing written."""
     data = tmp_path / "data"
     data.mkdir()
-    with pytest.raises(Exception, match="FSDP flattened the parameters before the optimizer was built"):
+    with pytest.raises(Exception, match="l1 and l2_sp are not supported under FSDP"):
         run_cli(["fit", "--config", str(REPO / FSDP_RECIPE), *text_case(data, tiny_bert_no_dropout), *CPU,
                  *FSDP_ON_CPU, "--trainer.strategy.class_path=test_ddp_recipes.CPUFSDPStrategy",
-                 "--model.init_args.optimizer.weight_decay=0.01", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                 "--model.init_args.l2_sp=0.01", f"--trainer.logger.init_args.save_dir={tmp_path}"],
                 quiet=False)
     assert not list(tmp_path.rglob("*.ckpt"))
 

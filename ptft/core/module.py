@@ -110,6 +110,7 @@ class FineTuneModule(L.LightningModule):
         self._head_names: set[str] = set()
         self._plain_layers: dict[str, int] = {}
         self._l2_sp_reference: dict[str, torch.Tensor] = {}
+        self._no_decay: dict[str, bool] = {}  # plain parameter name -> exempt from weight decay (set_model)
 
     # --- building -------------------------------------------------------------------------------------------
     def set_model(self, model: nn.Module) -> None:
@@ -124,6 +125,9 @@ class FineTuneModule(L.LightningModule):
         if self.peft_config is not None:
             model = apply_peft(model, self.peft_config, heads)
         self.model = model
+        # Weight decay decided on the real shapes, now: under FSDP the optimizer is built from 1-D shards.
+        skip = model_no_weight_decay(model)
+        self._no_decay = {plain_name(n): no_weight_decay(n, p) or n in skip for n, p in model.named_parameters()}
         if self.l2_sp > 0:
             self._l2_sp_reference = {
                 n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and not self.is_head_parameter(n)
@@ -304,6 +308,17 @@ class FineTuneModule(L.LightningModule):
         """
         cfg = self.optimizer_config
         layers = self.layer_ids()
+        skip = model_no_weight_decay(self.model)
+
+        def no_decay(name: str, param: torch.Tensor) -> bool:
+            known = self._no_decay.get(plain_name(name))  # decided in set_model, on the unsharded shapes
+            if known is not None:
+                return known
+            if getattr(param, "_fsdp_flattened", False):  # added after set_model and already a 1-D FSDP shard
+                raise PtftError(f"cannot tell whether FSDP-sharded parameter {name} takes weight decay: set "
+                                "optimizer.weight_decay=0, or create it in set_model")
+            return no_weight_decay(name, param) or name in skip
+
         return build_param_groups(
             self.model.named_parameters(),
             lr=cfg.lr,
@@ -312,7 +327,7 @@ class FineTuneModule(L.LightningModule):
             num_layers=max(layers.values(), default=0),
             layer_decay=cfg.layer_decay,
             head_lr=cfg.head_lr,
-            skip_weight_decay=model_no_weight_decay(self.model),
+            no_decay=no_decay,
         )
 
     def configure_gradient_clipping(
@@ -330,16 +345,26 @@ class FineTuneModule(L.LightningModule):
         from lightning.pytorch.plugins.precision import MixedPrecision, Precision
         from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        if gradient_clip_val and algorithm == GradClipAlgorithmType.NORM and _is_fsdp(self.trainer.strategy):
+            # The norm over every rank's shards, by the root FSDP module (torch's FSDP docs: clip_grad_norm_ over
+            # the local parameters would clip each shard by its own norm). Lightning's FSDPPrecision refuses norm
+            # clipping instead; it has already unscaled fp16 gradients (non-fused optimizers) by now.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         plugin = self.trainer.precision_plugin
         if not (isinstance(plugin, MixedPrecision) and gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         if plugin.scaler is not None:  # Lightning unscales only optimizers that do not handle it: never these
             plugin.scaler.unscale_(optimizer)
-        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
         Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     def configure_optimizers(self) -> Any:
+        if (self.l1 or self.l2_sp) and self._trainer is not None and _is_fsdp(self.trainer.strategy):
+            # Each rank holds a shard: its penalty and the gradient FSDP averages over ranks would be 1/N of the truth.
+            raise PtftError("l1 and l2_sp are not supported under FSDP (each process holds only a shard of the "
+                            "weights): use DDP or DeepSpeed, or set them to 0")
         optimizer = build_optimizer(self.param_groups(), self.optimizer_config)
         scheduler = build_scheduler(optimizer, self.scheduler_config, self.trainer.estimated_stepping_batches)
         if scheduler is None:
@@ -416,6 +441,13 @@ class FineTuneModule(L.LightningModule):
             set_rng_states(per_rank[rank])
         else:  # saved by one process, resumed by several: each rank starts from the saved streams
             set_rng_states(checkpoint["rng_states"])
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    """Whether Lightning's strategy shards the model with FSDP (imported only when asked)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -134,6 +134,7 @@ def build_param_groups(
     layer_decay: float = 1.0,
     head_lr: float | None = None,
     skip_weight_decay: set[str] | None = None,
+    no_decay: Callable[[str, torch.Tensor], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Groups parameters by (layer, decay / no decay) and gives every group a real learning rate.
 
@@ -152,12 +153,14 @@ def build_param_groups(
         head_lr: Learning rate of the top layer (the head) if it differs from ``lr``.
         skip_weight_decay: Further names without weight decay besides 1-D parameters (the model's
             ``no_weight_decay()``, see :func:`model_no_weight_decay`).
+        no_decay: Decides per ``(name, parameter)`` instead of the shape rule and ``skip_weight_decay`` (a module
+            that recorded the decisions before FSDP flattened its parameters).
 
     Returns:
         Parameter groups for a torch optimizer, each with ``params``, ``lr``, ``weight_decay``, ``layer`` and ``names``.
     """
     named = [(n, p) for n, p in named_parameters if p.requires_grad]
-    if weight_decay and any(getattr(p, "_fsdp_flattened", False) for _, p in named):  # FSDP's own mark
+    if no_decay is None and weight_decay and any(getattr(p, "_fsdp_flattened", False) for _, p in named):  # FSDP's mark
         # FSDP (use_orig_params) has already replaced every parameter by a 1-D slice of its shard (or an empty one):
         # the ndim rule would silently exempt every weight matrix from weight decay.
         raise PtftError(
@@ -169,7 +172,8 @@ def build_param_groups(
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in named:
         layer = layers[name]
-        decay = not (no_weight_decay(name, param) or name in (skip_weight_decay or ()))
+        exempt = no_decay(name, param) if no_decay else no_weight_decay(name, param) or name in (skip_weight_decay or ())
+        decay = not exempt
         key = (layer, decay)
         if key not in groups:
             group_lr = head_lr if (head_lr is not None and layer == top) else lr * layer_decay ** (top - layer)

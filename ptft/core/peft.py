@@ -16,9 +16,14 @@ from ptft.core.errors import PtftError, missing_extra
 _PEFT_PARTS = re.compile(r"^base_model\.model\.|\.base_layer(?=\.)|\.modules_to_save\.default(?=\.)|\.original_module(?=\.)")
 
 
+# Parts FSDP, activation checkpointing and torch.compile wrappers insert once Lightning wraps the model.
+_WRAPPER_PARTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
 def plain_name(name: str) -> str:
-    """A parameter's name in the model before PEFT wrapped it (adapter weights keep their own names)."""
-    return _PEFT_PARTS.sub("", name)
+    """A parameter's name in the model before PEFT (or FSDP's and activation checkpointing's wrappers) wrapped it;
+    adapter weights keep their own names."""
+    return _PEFT_PARTS.sub("", _WRAPPER_PARTS.sub("", name))
 
 
 @dataclass(frozen=True)
