@@ -88,21 +88,25 @@ def recipe_cli(task: str, precision: str):
 
 
 class StepClock:
-    """Wall time from the end of step ``warmup - 1`` to the end of the last step."""
+    """Each step's wall time (from the end of the previous step to the end of this one: data fetching included),
+    for the steps after ``warmup``."""
 
-    def __init__(self, warmup: int, last: int) -> None:
-        self.warmup, self.last = warmup, last
-        self.start = self.end = 0.0
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.previous = 0.0
+        self.steps: list[float] = []
 
     def tick(self, index: int) -> None:
-        if index == self.warmup - 1:
-            self.start = time.perf_counter()
-        elif index == self.last:
-            self.end = time.perf_counter()
+        now = time.perf_counter()
+        if index >= self.warmup:
+            self.steps.append(now - self.previous)
+        self.previous = now
 
-    @property
-    def seconds(self) -> float:
-        return self.end - self.start
+    def result(self) -> dict:
+        """Median and mean step time: the median of a run's steps is robust to bursts of other load on the
+        machine (a shared VM's neighbours), the mean is what a whole run costs."""
+        return {"median_step": statistics.median(self.steps), "mean_step": statistics.mean(self.steps),
+                "steps": len(self.steps)}
 
 
 def run_ptft(task: str, steps: int, warmup: int, precision: str) -> dict:
@@ -110,7 +114,7 @@ def run_ptft(task: str, steps: int, warmup: int, precision: str) -> dict:
     from torch.utils.data import DataLoader
 
     cli = recipe_cli(task, precision)
-    clock = StepClock(warmup, warmup + steps - 1)
+    clock = StepClock(warmup)
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -123,7 +127,7 @@ def run_ptft(task: str, steps: int, warmup: int, precision: str) -> dict:
     train = DataLoader(batches, batch_size=None)
     val = DataLoader(batches[:1], batch_size=None)
     cli.trainer.fit(cli.model, train_dataloaders=train, val_dataloaders=val)
-    return {"seconds": clock.seconds, "steps": steps, "precision": str(cli.trainer.precision),
+    return {**clock.result(), "precision": str(cli.trainer.precision),
             "loss": float(cli.trainer.callback_metrics["train/loss"])}
 
 
@@ -144,7 +148,7 @@ def run_plain(task: str, steps: int, warmup: int, precision: str) -> dict:
     clip = TASKS[task]["clip"]
     smoothing = getattr(module, "label_smoothing", 0.0) or 0.0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
-    clock = StepClock(warmup, warmup + steps - 1)
+    clock = StepClock(warmup)
     loader = DataLoader(fixed_batches(task, warmup + steps), batch_size=None)
     for index, batch in enumerate(loader):
         with autocast:
@@ -160,7 +164,7 @@ def run_plain(task: str, steps: int, warmup: int, precision: str) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         clock.tick(index)
-    return {"seconds": clock.seconds, "steps": steps, "precision": precision, "loss": loss.item()}
+    return {**clock.result(), "precision": precision, "loss": loss.item()}
 
 
 def main() -> None:
@@ -193,8 +197,8 @@ def main() -> None:
             for system in order:
                 result = run_in_subprocess(__file__, ["--one", task, system, *extra])
                 results.setdefault((task, system), []).append(result)
-                print(f"repeat {repeat}: {task} {system}: {1000 * result['seconds'] / result['steps']:.1f} ms/step, "
-                      f"loss {result['loss']:.4f}", flush=True)
+                print(f"repeat {repeat}: {task} {system}: median {1000 * result['median_step']:.1f} ms/step, "
+                      f"mean {1000 * result['mean_step']:.1f}, loss {result['loss']:.4f}", flush=True)
     table = render(results, args)
     print(table)
     write_section(table + "\n", "Framework overhead")
@@ -207,13 +211,15 @@ def render(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace)
 
     rows = []
     for task in args.tasks:
-        plain = statistics.median(r["seconds"] / r["steps"] for r in results[(task, "plain")])
+        loop = {key: statistics.median(r[key] for r in results[(task, "plain")]) for key in ("median_step", "mean_step")}
         for system, description in SYSTEMS.items():
             runs = results[(task, system)]
-            per_step = [1000 * r["seconds"] / r["steps"] for r in runs]
-            median = statistics.median(per_step) / 1000
+            median = statistics.median(r["median_step"] for r in runs)
+            mean = statistics.median(r["mean_step"] for r in runs)
+            each = ", ".join(f"{1000 * r['median_step']:.1f}" for r in runs)
             rows.append(f"| {task} (`{TASKS[task]['recipe']}`) | {description} | {1000 * median:.1f} | "
-                        f"{', '.join(f'{x:.1f}' for x in per_step)} | {median / plain:.3f}x | {runs[-1]['loss']:.4f} |")
+                        f"{each} | {median / loop['median_step']:.3f}x | "
+                        f"{1000 * mean:.1f} | {mean / loop['mean_step']:.3f}x | {runs[-1]['loss']:.4f} |")
     threads = args.threads or torch.get_num_threads()
     return "\n".join([
         "",
@@ -222,13 +228,14 @@ def render(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace)
         f"{f' --threads {args.threads}' if args.threads else ''}` — per-step time of the shipped recipe run by ptft "
         "against a hand-written loop doing the same work (same model and initial weights, same fixed-shape batches, "
         "the recipe's AdamW, schedule, label smoothing and clipping), each run in a fresh process, systems "
-        f"interleaved within each repeat; {args.steps} timed steps after {args.warmup} untimed ones; median of "
-        f"{args.repeats} runs. {os.cpu_count()} CPU cores, {threads} torch thread(s), precision {args.precision}, "
+        f"interleaved within each repeat; {args.steps} timed steps after {args.warmup} untimed ones. Per run, the median "
+        "step time (robust to bursts of other load on a shared machine) and the mean; the table gives the median over "
+        f"{args.repeats} runs of each. {os.cpu_count()} CPU cores, {threads} torch thread(s), precision {args.precision}, "
         f"torch {torch.__version__}, Python {platform.python_version()}. The last column is the last step's training "
         "loss of the last run: equal within a system's noise when both did the same work.",
         "",
-        "| task | system | ms / step (median) | each run | vs loop | last loss |",
-        "|---|---|---:|---|---:|---:|",
+        "| task | system | median step (ms) | each run | vs loop | mean step (ms) | vs loop | last loss |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
         *rows,
         "",
         "- text: all-MiniLM-L6-v2, batches of 32 x 64 random tokens; vision: timm `resnet18` (random weights), "
