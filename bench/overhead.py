@@ -5,8 +5,10 @@ optimizer (the recipe's AdamW: fused where torch has it, no weight decay on bias
 the same gradient clipping; the loop has nothing else. ptft runs the recipe as a user would (its logger, callbacks,
 metrics, progress bar), fed the batches through ``trainer.fit(train_dataloaders=...)``. Only steps after a warm-up
 are timed (data fetching included); validation and checkpointing come after the timed window. Each repeat runs
-every system in its own fresh process, one after the other (interleaved), and the table reports medians and the
-ratio of medians (machines are noisy: compare ratios).
+both systems in fresh processes at the same time, each pinned to its own core with one thread (cores swapped between
+repeats): the machine's other load then slows both alike, where runs one after the other (``--sequential``) differed
+by up to 30% from minute to minute on a shared VM. The table reports each run's median step time (robust to
+bursts), each repeat's ratio to the loop run beside it, and their geometric mean (compare ratios, not times).
 
 - ``text``: recipes/text/sst2.yaml, all-MiniLM-L6-v2 (22.7M parameters), batches of 32 x 64 tokens.
 - ``vision``: recipes/vision/cifar10.yaml, timm ``resnet18`` (11.2M parameters, random weights: the hub is out of
@@ -15,7 +17,7 @@ ratio of medians (machines are noisy: compare ratios).
 Precision is fp32 for both (the recipes' ``precision: auto`` may choose bf16 on a CPU with native bf16, which
 would compare different arithmetic); ``--precision`` changes it for both.
 
-    python bench/overhead.py [--tasks text vision] [--steps 40] [--warmup 5] [--repeats 3] [--threads N]
+    python bench/overhead.py [--tasks text vision] [--steps 40] [--warmup 5] [--repeats 4] [--sequential [--threads N]]
 
 Prints the table and writes it to docs/benchmarks.md (section "Framework overhead").
 """
@@ -172,12 +174,18 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=int, default=40, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4, help="even: each system runs as often on either core")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's; 1 with --paired)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the systems one after the other with every core, instead of at the same time "
+                             "on one core each (--paired, the default)")
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one", nargs=2, metavar=("TASK", "SYSTEM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
+        if args.core is not None:
+            os.sched_setaffinity(0, {args.core})
         import torch
 
         if args.threads:
@@ -188,20 +196,46 @@ def main() -> None:
         print("RESULT " + json.dumps(runner(task, args.steps, args.warmup, args.precision)), flush=True)
         return
 
+    paired = not args.sequential
+    if paired and (os.cpu_count() or 1) < 2:
+        raise SystemExit("--paired needs 2 cores: use --sequential")
+    if paired:
+        args.threads = 1
     extra = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--precision={args.precision}",
              *([f"--threads={args.threads}"] if args.threads else [])]
     results: dict[tuple[str, str], list[dict]] = {}
     for repeat in range(args.repeats):
         for task in args.tasks:
-            order = list(SYSTEMS) if repeat % 2 == 0 else list(reversed(SYSTEMS))  # neither always goes first
-            for system in order:
-                result = run_in_subprocess(__file__, ["--one", task, system, *extra])
+            order = list(SYSTEMS) if repeat % 2 == 0 else list(reversed(SYSTEMS))  # neither always goes first / on core 0
+            if paired:
+                got = run_side_by_side([["--one", task, system, f"--core={core}", *extra] for core, system in enumerate(order)])
+            else:
+                got = [run_in_subprocess(__file__, ["--one", task, system, *extra]) for system in order]
+            for system, result in zip(order, got):
                 results.setdefault((task, system), []).append(result)
                 print(f"repeat {repeat}: {task} {system}: median {1000 * result['median_step']:.1f} ms/step, "
                       f"mean {1000 * result['mean_step']:.1f}, loss {result['loss']:.4f}", flush=True)
     table = render(results, args)
     print(table)
     write_section(table + "\n", "Framework overhead")
+
+
+def run_side_by_side(arguments: list[list[str]]) -> list[dict]:
+    """Runs ``overhead.py ARGS`` for each argument list at the same time (one core each) and returns their results:
+    whatever else slows the machine down slows both alike, which sequential runs minutes apart cannot promise."""
+    import subprocess
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=WORK) for args in arguments]
+    results = []
+    for args, proc in zip(arguments, procs):
+        out, err = proc.communicate()
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{' '.join(args)} failed:\n{err[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+    return results
 
 
 def render(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace) -> str:
@@ -211,31 +245,39 @@ def render(results: dict[tuple[str, str], list[dict]], args: argparse.Namespace)
 
     rows = []
     for task in args.tasks:
-        loop = {key: statistics.median(r[key] for r in results[(task, "plain")]) for key in ("median_step", "mean_step")}
+        loop_runs = results[(task, "plain")]
         for system, description in SYSTEMS.items():
             runs = results[(task, system)]
             median = statistics.median(r["median_step"] for r in runs)
             mean = statistics.median(r["mean_step"] for r in runs)
-            each = ", ".join(f"{1000 * r['median_step']:.1f}" for r in runs)
+            # each repeat's ratio to the loop run beside it (same time, other core), then their geometric mean: the
+            # cores swap every repeat, so with an even number of repeats a faster core favours neither system
+            paired = [r["median_step"] / p["median_step"] for r, p in zip(runs, loop_runs)]
+            each = ", ".join(f"{x:.3f}" for x in paired)
             rows.append(f"| {task} (`{TASKS[task]['recipe']}`) | {description} | {1000 * median:.1f} | "
-                        f"{each} | {median / loop['median_step']:.3f}x | "
-                        f"{1000 * mean:.1f} | {mean / loop['mean_step']:.3f}x | {runs[-1]['loss']:.4f} |")
+                        f"{1000 * mean:.1f} | {each} | **{statistics.geometric_mean(paired):.3f}x** | "
+                        f"{runs[-1]['loss']:.4f} |")
     threads = args.threads or torch.get_num_threads()
     return "\n".join([
         "",
         "",
         f"`python bench/overhead.py --steps {args.steps} --warmup {args.warmup} --repeats {args.repeats}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` — per-step time of the shipped recipe run by ptft "
-        "against a hand-written loop doing the same work (same model and initial weights, same fixed-shape batches, "
-        "the recipe's AdamW, schedule, label smoothing and clipping), each run in a fresh process, systems "
-        f"interleaved within each repeat; {args.steps} timed steps after {args.warmup} untimed ones. Per run, the median "
+        f"{' --sequential' if args.sequential else ''}"
+        f"{f' --threads {args.threads}' if args.threads and args.sequential else ''}` — per-step time of the shipped "
+        "recipe run by ptft against a hand-written loop doing the same work (same model and initial weights, same "
+        "fixed-shape batches, the recipe's AdamW, schedule, label smoothing and clipping), each run in a fresh process; "
+        + ("the two systems run at the same time, each pinned to its own core with one thread (swapping cores "
+           "between repeats), so that the machine's other load (a shared VM's neighbours moved sequential runs by "
+           "up to 30% here) slows both alike; " if not args.sequential else
+           "systems one after the other within each repeat; ")
+        + f"{args.steps} timed steps after {args.warmup} untimed ones. Per run, the median "
         "step time (robust to bursts of other load on a shared machine) and the mean; the table gives the median over "
         f"{args.repeats} runs of each. {os.cpu_count()} CPU cores, {threads} torch thread(s), precision {args.precision}, "
         f"torch {torch.__version__}, Python {platform.python_version()}. The last column is the last step's training "
         "loss of the last run: equal within a system's noise when both did the same work.",
         "",
-        "| task | system | median step (ms) | each run | vs loop | mean step (ms) | vs loop | last loss |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| task | system | median step (ms) | mean step (ms) | vs the loop run beside it, per repeat | vs loop (geometric mean) | last loss |",
+        "|---|---|---:|---:|---|---:|---:|",
         *rows,
         "",
         "- text: all-MiniLM-L6-v2, batches of 32 x 64 random tokens; vision: timm `resnet18` (random weights), "

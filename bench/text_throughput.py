@@ -182,7 +182,8 @@ def main() -> None:
     lines = [
         "",
         "",
-        f"`python bench/text_throughput.py --train-size {args.train_size} --repeats {args.repeats}` — "
+        f"`python bench/text_throughput.py --train-size {args.train_size} --repeats {args.repeats}"
+        f"{'' if args.systems == list(SYSTEMS) else ' --systems ' + ' '.join(args.systems)}` — "
         f"all-MiniLM-L6-v2, {args.train_size:,} shuffled SST-2 training sentences, 1 epoch, batch {BATCH}, lr {LR}, "
         f"{WARMUP:.0%} linear warmup, seed {SEED}; dev = SST-2 dev (872). CPU: {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {platform.python_version()}. Training samples/s exclude tokenisation and "

@@ -80,9 +80,9 @@ class TokenMeanLoss:
         tokens = trainer.strategy.reduce(tokens, reduce_op="sum")  # every rank's tokens of this step
         scale = trainer.world_size * trainer.accumulate_grad_batches / tokens.clamp(min=1.0)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        for param in params:
-            if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.device))
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:  # one fused multi-tensor kernel, not a Python loop of small kernels per parameter
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
         penalty = self.penalty()
         if penalty is not None:
             # The same on every rank and independent of tokens: its gradient is added once, after the rescaling.
