@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ptft.core import FreezeSchedule, PeftConfig
 from ptft.core.errors import PtftError
-from ptft.core.module import enable_gradient_checkpointing
+from ptft.core.grad_checkpointing import enable_gradient_checkpointing
 from ptft.text import TextClassifier
 from ptft.vision import ImageClassifier
 
